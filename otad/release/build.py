@@ -1,0 +1,106 @@
+"""`otad-release build` and `publish`: seed pipeline steps 2 to 6.
+
+build: package the app reproducibly, checksum it, sign it, write the manifest.
+publish: copy a built release into the dashboard's OTA folder so that a
+poller never sees a manifest whose files are missing or half written.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from otad.errors import OtadError, ReleaseError
+from otad.fsutil import atomic_copy, atomic_write_bytes, fsync_dir
+from otad.release.archive import write_archive
+from otad.release.signers import Signer
+from otad.semver import Version
+from otad.trust.digest import digest_file
+from otad.trust.manifest import (
+    Manifest,
+    parse_manifest,
+    render_checksum_file,
+    render_manifest,
+    utc_timestamp,
+)
+from otad.trust.verify import check_checksum_file, check_digest
+
+MANIFEST = "manifest.json"
+
+
+def source_date_epoch() -> int:
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    if not raw.isdigit():
+        raise ReleaseError(f"SOURCE_DATE_EPOCH={raw!r} is not a whole number of seconds")
+    return int(raw)
+
+
+def build_release(app_dir: str, version: str, name: str, out_dir: str, signer: Signer) -> Manifest:
+    Version(version)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = f"{name}-v{version}.tar.gz"
+    mtime = source_date_epoch()
+    tmp = out / f".{artifact}.building"
+    try:
+        with open(tmp, "wb") as stream:
+            digest = write_archive(app_dir, version, stream, mtime)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, out / artifact)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(out)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        artifact=artifact,
+        size=digest.size,
+        sha256=digest.hex,
+        bundle=artifact + signer.suffix,
+        checksum=f"{name}-v{version}.sha256",
+        signature=signer.kind,
+        created=utc_timestamp(mtime if "SOURCE_DATE_EPOCH" in os.environ else time.time()),
+    )
+    atomic_write_bytes(out / manifest.bundle, signer.sign(out / artifact, digest))
+    atomic_write_bytes(out / manifest.checksum, render_checksum_file(digest.hex, artifact))
+    # Validate what we are about to write with the same reader every consumer uses.
+    parse_manifest(render_manifest(manifest))
+    atomic_write_bytes(out / MANIFEST, render_manifest(manifest))
+    return manifest
+
+
+def read_manifest_file(path: str | os.PathLike[str]) -> Manifest:
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(64 * 1024 + 1)
+    except OSError as exc:
+        raise ReleaseError(f"{path}: cannot read manifest ({exc.strerror})") from None
+    return parse_manifest(data)
+
+
+def publish_release(from_dir: str, ota_dir: str) -> Manifest:
+    """Copy artifacts first (each fsynced), the manifest last by rename."""
+    src, dst = Path(from_dir), Path(ota_dir)
+    manifest = read_manifest_file(src / MANIFEST)
+    try:
+        check_digest(digest_file(src / manifest.artifact), manifest)
+        check_checksum_file((src / manifest.checksum).read_bytes(), manifest)
+        if not (src / manifest.bundle).is_file():
+            raise ReleaseError(f"{src / manifest.bundle}: signature file is missing")
+    except OSError as exc:
+        raise ReleaseError(f"{exc.filename}: cannot read release file ({exc.strerror})") from None
+    except OtadError as exc:
+        raise ReleaseError(f"refusing to publish {manifest.artifact}: {exc}") from None
+    dst.mkdir(parents=True, exist_ok=True)
+    published = dst / manifest.artifact
+    # A published version is immutable: gateways may be half way through it.
+    already = published.exists()
+    if already and digest_file(published).hex != manifest.sha256:
+        raise ReleaseError(f"{published} is already published with different content; bump the version")
+    for file_name in manifest.files:
+        if not (already and file_name == manifest.artifact):
+            atomic_copy(src / file_name, dst / file_name)
+    atomic_copy(src / MANIFEST, dst / MANIFEST)
+    return manifest
