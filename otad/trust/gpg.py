@@ -18,21 +18,51 @@ MAX_SIGNATURE_BYTES = 64 * 1024
 ARMOR_HEADER = b"-----BEGIN PGP SIGNATURE-----"
 
 
-def _gpg(home: str) -> gnupg.GPG:
+def _gpg(home: str, autostart: bool = True) -> gnupg.GPG:
     try:
-        return gnupg.GPG(gnupghome=home)
+        gpg = gnupg.GPG(gnupghome=home)
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"cannot run gpg: {exc}") from None
+    if not autostart and gpg.version and gpg.version >= (2, 1):
+        # Verifying needs no agent; without this `gpg --import` starts a
+        # gpg-agent daemon for every throwaway home.
+        gpg.options = [*(gpg.options or []), "--no-autostart"]
+    return gpg
+
+
+def _reason(result) -> str:
+    """The last message gpg printed, as one line (stderr also carries status lines)."""
+    lines = (line.strip() for line in (result.stderr or "").splitlines())
+    messages = [line[len("gpg: "):] for line in lines if line.startswith("gpg: ")]
+    return " ".join((messages[-1] if messages else result.status or "no reason given").split())
+
+
+def _secret_key(gpg: gnupg.GPG, home: str, key_id: str) -> str:
+    """The fingerprint of the one secret key `key_id` names in `home`."""
+    keys = gpg.list_keys(secret=True, keys=[key_id]) if key_id.strip() else []
+    if not keys:
+        raise KeyFileError(f"gpg home {home} holds no secret key {key_id!r}")
+    if len(keys) > 1:
+        raise KeyFileError(f"{key_id!r} names {len(keys)} secret keys in gpg home {home}; give a fingerprint")
+    return keys[0]["fingerprint"]
 
 
 def sign_detached(gpg_home: str, key_id: str, path: str | os.PathLike[str], passphrase: str | None = None) -> bytes:
     """An ASCII-armored detached signature of the file at `path`."""
+    if passphrase and ("\n" in passphrase or "\r" in passphrase):
+        raise KeyFileError("the gpg passphrase must not contain a line break")
     gpg = _gpg(gpg_home)
-    extra = ["--pinentry-mode", "loopback"] if passphrase is not None else None
+    # --local-user, not python-gnupg's keyid (--default-key): gpg silently falls
+    # back to another secret key when the --default-key one does not exist.
+    extra = ["--local-user", _secret_key(gpg, gpg_home, key_id)]
+    if passphrase is not None:
+        extra += ["--pinentry-mode", "loopback"]
     with open(path, "rb") as stream:
-        result = gpg.sign_file(stream, keyid=key_id, detach=True, binary=False, passphrase=passphrase, extra_args=extra)
+        # An empty passphrase must not reach python-gnupg: it would still add
+        # --passphrase-fd 0, and gpg would take the file's first line as the passphrase.
+        result = gpg.sign_file(stream, detach=True, binary=False, passphrase=passphrase or None, extra_args=extra)
     if not result.data or not result.fingerprint:
-        raise KeyFileError(f"gpg could not sign with key {key_id}: {result.status or result.stderr.strip()[-200:]}")
+        raise KeyFileError(f"gpg could not sign with key {key_id}: {_reason(result)}")
     return result.data
 
 
@@ -42,7 +72,7 @@ def verify_detached(keyring: bytes, signature: bytes, path: str | os.PathLike[st
         raise MalformedMetadata("gpg signature is not an ASCII-armored detached signature")
     home = tempfile.mkdtemp(prefix="otad-gpg-")
     try:
-        gpg = _gpg(home)
+        gpg = _gpg(home, autostart=False)
         imported = gpg.import_keys(keyring)
         if not imported.fingerprints:
             raise KeyFileError("gpg keyring holds no public key")
@@ -54,7 +84,8 @@ def verify_detached(keyring: bytes, signature: bytes, path: str | os.PathLike[st
     finally:
         shutil.rmtree(home, ignore_errors=True)
     if result.valid:
-        return result.fingerprint
+        # The primary key's fingerprint (the one operators know), also for a signing subkey.
+        return result.pubkey_fingerprint or result.fingerprint
     if result.status == "no public key":
         raise UntrustedKey(f"gpg signature made by unknown key {result.key_id}")
     raise BadSignature(f"gpg signature does not verify ({result.status or 'no valid signature'})")

@@ -1,0 +1,49 @@
+# otad developer entry points. The README documents the two that matter:
+#   make demo   - run the main job end to end on this machine
+#   make check  - install what the tests need and run every test
+PYTHON ?= python3
+VENV := .venv
+VENV_BOOKWORM := .venv-bookworm
+PIP_FLAGS := --quiet --disable-pip-version-check
+INTEROP_JS := tests/interop/sigstore_js
+
+.PHONY: all demo check test test-bookworm interop-js bench bench-release clean
+
+all: check
+
+$(VENV)/.installed: setup.cfg setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+# A second environment pinned to Debian bookworm's library versions.
+$(VENV_BOOKWORM)/.installed: setup.cfg setup.py ci/bookworm-constraints.txt
+	test -x $(VENV_BOOKWORM)/bin/python || $(PYTHON) -m venv $(VENV_BOOKWORM)
+	$(VENV_BOOKWORM)/bin/pip install $(PIP_FLAGS) -c ci/bookworm-constraints.txt -e '.[test]'
+	touch $@
+
+# The independent Sigstore verifier (npm @sigstore/verify) used by the interop test.
+# Without node/npm the test skips and says why.
+interop-js:
+	@if command -v npm >/dev/null 2>&1; then \
+	  test -d $(INTEROP_JS)/node_modules || npm ci --silent --no-audit --no-fund --prefix $(INTEROP_JS); \
+	else echo "npm not found: the @sigstore/verify interop test will be skipped"; fi
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python -m otad.demo
+
+test: $(VENV)/.installed interop-js
+	$(VENV)/bin/python -m pytest
+
+test-bookworm: $(VENV_BOOKWORM)/.installed interop-js
+	$(VENV_BOOKWORM)/bin/python -m pytest -q -p no:cacheprovider
+
+check: test test-bookworm
+
+bench: bench-release
+
+bench-release: $(VENV)/.installed
+	$(VENV)/bin/python bench/release_build.py
+
+clean:
+	rm -rf $(VENV) $(VENV_BOOKWORM) $(INTEROP_JS)/node_modules build dist *.egg-info .pytest_cache
