@@ -19,6 +19,8 @@ ARMOR_HEADER = b"-----BEGIN PGP SIGNATURE-----"
 
 
 def _gpg(home: str, autostart: bool = True) -> gnupg.GPG:
+    if not os.path.isdir(home):
+        raise KeyFileError(f"gpg home {home} does not exist or is not a folder")
     try:
         gpg = gnupg.GPG(gnupghome=home)
     except (OSError, ValueError) as exc:
