@@ -5,6 +5,7 @@ power cut at any instant leaves either the old bytes or the new bytes, never a m
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -31,19 +32,7 @@ def _temp_beside(path: Path) -> tuple[int, str]:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` atomically and durably."""
-    target = Path(path)
-    fd, tmp = _temp_beside(target)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(target.parent)
+    atomic_write_stream(path, io.BytesIO(data), mode)
 
 
 def atomic_write_stream(path: str | os.PathLike[str], source: BinaryIO, mode: int = 0o644) -> None:
