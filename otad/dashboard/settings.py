@@ -1,0 +1,18 @@
+"""The dashboard's settings: /etc/otad/dashboard.conf plus environment overrides (see otad.config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from otad.config import listen_address, path, setting, whole
+
+DEFAULT_CONFIG = "/etc/otad/dashboard.conf"
+CONFIG_ENV = "OTAD_DASHBOARD_CONFIG"
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    listen: tuple[str, int] = setting(listen_address, "0.0.0.0:8080", "HOST:PORT to serve HTTP on ([::1]:PORT for IPv6)")
+    ota_dir: Path = setting(path, "/srv/otad/ota", "the folder `otad-release publish` writes releases into")
+    state_dir: Path = setting(path, "/var/lib/otad/dashboard", "the dashboard's own state (telemetry database)")
+    threads: int = setting(whole(1, 256), "8", "HTTP worker threads")

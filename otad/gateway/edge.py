@@ -1,0 +1,67 @@
+"""The gateway's edge listener: what robots on edge_net talk to.
+
+GET/HEAD /manifest (alias /ota/manifest.json), GET/HEAD /ota/<file>, GET /healthz.
+Only files of cached, verified releases are ever served: names are looked up
+in the cache snapshot, never joined onto a path from the request.
+"""
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+from otad import __version__
+from otad.gateway.cache import Cache
+from otad.transfer.files import safe_file_name
+from otad.transfer.server import Handler, Server
+
+log = logging.getLogger("otad.gateway")
+CONTENT_TYPES = {".gz": "application/gzip", ".json": "application/json", ".bundle": "application/json"}
+
+
+def content_type(name: str) -> str:
+    for suffix, kind in CONTENT_TYPES.items():
+        if name.endswith(suffix):
+            return kind
+    return "text/plain; charset=utf-8" if name.endswith((".sha256", ".asc")) else "application/octet-stream"
+
+
+def make_edge_server(address: tuple[str, int], cache: Cache) -> Server:
+    class EdgeHandler(Handler):
+        def do_GET(self) -> None:
+            try:
+                self._route()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
+            except Exception as exc:  # a bug must cost one request, not the listener
+                log.error("edge: %s %s failed: %s: %s", self.command, self.path[:200], type(exc).__name__, exc)
+                self.close_connection = True
+
+        do_HEAD = do_GET
+
+        def do_POST(self) -> None:
+            self.send_error_json(405, "method not allowed", [("Allow", "GET, HEAD")])
+
+        do_PUT = do_DELETE = do_PATCH = do_POST
+
+        def _route(self) -> None:
+            path = urlsplit(self.path).path
+            snapshot = cache.snapshot
+            if path in ("/manifest", "/ota/manifest.json"):
+                if snapshot.active is None or snapshot.manifest_validators is None:
+                    self.send_error_json(404, "no verified release cached yet")
+                    return
+                self.send_bytes(snapshot.active.manifest_bytes, snapshot.manifest_validators, "application/json")
+            elif path.startswith("/ota/"):
+                name = safe_file_name(path[len("/ota/"):])
+                served = snapshot.files.get(name) if name else None
+                if served is None:
+                    self.send_error_json(404, "not found")
+                    return
+                self.send_file(served.path, served.validators, content_type(name))
+            elif path == "/healthz":
+                active = snapshot.active.manifest.version if snapshot.active else None
+                self.send_json(200, {"status": "ok", "version": __version__, "release": active})
+            else:
+                self.send_error_json(404, "not found")
+
+    return Server(address, EdgeHandler)

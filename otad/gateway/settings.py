@@ -1,0 +1,41 @@
+"""Gateway settings: /etc/otad/gateway.conf plus environment overrides (see otad.config)."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from otad.config import http_url, identifier, listen_address, optional_path, path, seconds, setting, whole
+from otad.keyconfig import trusted_keys
+from otad.trust.keys import PublicKey
+
+DEFAULT_CONFIG = "/etc/otad/gateway.conf"
+
+
+def _default_gateway_id() -> str:
+    return socket.gethostname().split(".")[0] or "gateway"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    dashboard_url: str = setting(http_url, doc="base URL of the central dashboard")
+    trusted_keys: tuple[PublicKey, ...] = setting(trusted_keys, "/etc/otad/keys", "release public keys")
+    listen: tuple[str, int] = setting(listen_address, "0.0.0.0:8081", "edge listener for robots")
+    poll_interval: int = setting(seconds, "30", "seconds between manifest polls (+/- 10% jitter)")
+    state_dir: Path = setting(path, "/var/lib/otad/gateway")
+    cache_dir: Path | None = setting(optional_path, "", "default: STATE_DIR/cache")
+    cache_keep_versions: int = setting(whole(1), "3")
+    cache_max_mb: int = setting(whole(1), "2048")
+    cache_gc_interval: int = setting(seconds, "3600")
+    gateway_id: str = setting(identifier, _default_gateway_id())
+    backoff_max: int = setting(seconds, "300", "cap of the retry delay after network errors")
+    connect_timeout: int = setting(seconds, "10")
+    read_timeout: int = setting(seconds, "30", "a transfer with no progress for this long is cut")
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir or self.state_dir / "cache"
+
+    @property
+    def cache_max_bytes(self) -> int:
+        return self.cache_max_mb * 1024 * 1024

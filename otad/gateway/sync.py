@@ -1,0 +1,196 @@
+"""The gateway's sync worker: poll the dashboard, download resumably, verify, cache, GC.
+
+Runs in its own thread. Network trouble backs off exponentially (with jitter,
+capped at BACKOFF_MAX); a manifest whose release fails verification is not
+tried again until the dashboard publishes a different manifest or a long
+backoff expires, so a bad release does not cost the WAN a download every poll.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from otad.errors import OtadError, TransportError, TrustError
+from otad.gateway.cache import Cache
+from otad.gateway.settings import GatewaySettings
+from otad.transfer.backoff import Backoff, jittered
+from otad.transfer.client import HttpClient, TransferLimits
+from otad.trust.bundle import MAX_BUNDLE_BYTES
+from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from otad.trust.verify import TrustAnchors, verify_artifact
+from otad.daemon import Heartbeat
+
+log = logging.getLogger("otad.gateway")
+REJECTED_RETRY_BASE = 600.0  # a rejected manifest is looked at again after 10 min, doubling
+REJECTED_RETRY_CAP = 6 * 3600.0
+
+
+@dataclass
+class SyncState:
+    """What the sync worker is doing, for STATUS= and logs. Written by one thread."""
+
+    downloading: str | None = None
+    received: int = 0
+    total: int = 0
+    wan_down_since: float | None = None
+    last_error: str | None = None
+
+
+class Syncer:
+    def __init__(self, settings: GatewaySettings, cache: Cache, heartbeat: Heartbeat) -> None:
+        self.cache = cache
+        self.heartbeat = heartbeat
+        self.state = SyncState()
+        self._wake = threading.Event()
+        self._stop = False
+        self._etag: str | None = None
+        self._rejected: dict[str, tuple[float, Backoff]] = {}
+        self._backoff = Backoff()
+        self._next_gc = 0.0
+        self._pending_part: str | None = None
+        self.apply(settings)
+
+    def apply(self, settings: GatewaySettings) -> None:
+        """New settings take effect at the next poll (SIGHUP)."""
+        self.settings = settings
+        self.cache.anchors = TrustAnchors(cosign_keys=settings.trusted_keys)
+        self._backoff.cap = settings.backoff_max
+        limits = TransferLimits(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+        old = getattr(self, "client", None)
+        self.client = HttpClient(settings.dashboard_url, limits)
+        if old is not None:
+            old.close()
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stop:
+            self.heartbeat.beat()
+            delay = self.sync_once()
+            self._gc_if_due()
+            self.heartbeat.beat()
+            self._wake.wait(delay)
+            self._wake.clear()
+        self.client.close()
+
+    # -- one poll -------------------------------------------------------------------
+    def sync_once(self) -> float:
+        """Poll once; return seconds until the next poll."""
+        try:
+            self._poll()
+        except TransportError as exc:
+            return self._network_failure(str(exc))
+        except OtadError as exc:  # e.g. disk full while installing: retry like a network error
+            return self._network_failure(f"cannot install: {exc}")
+        finally:
+            self.state.downloading = None
+        self._backoff.success()
+        if self.state.wan_down_since is not None:
+            log.info("dashboard reachable again after %.0fs", time.time() - self.state.wan_down_since)
+        self.state.wan_down_since = None
+        self.state.last_error = None
+        return jittered(self.settings.poll_interval)
+
+    def _network_failure(self, reason: str) -> float:
+        delay = min(self._backoff.failure(), self.settings.backoff_max)
+        if self.state.wan_down_since is None:
+            self.state.wan_down_since = time.time()
+        if reason != self.state.last_error:
+            log.warning("sync failed, retrying in %.0fs: %s", delay, reason)
+        self.state.last_error = reason
+        return delay
+
+    def _poll(self) -> None:
+        fetched = self.client.get_small("/manifest", MAX_MANIFEST_BYTES, etag=self._etag)
+        if fetched.status == 304:
+            return
+        body = fetched.body
+        active = self.cache.snapshot.active
+        if active is not None and active.manifest_bytes == body:
+            self._etag = fetched.etag
+            return
+        key = hashlib.sha256(body).hexdigest()
+        if self._still_rejected(key):
+            return
+        try:
+            manifest = parse_manifest(body)
+            self._fetch_and_install(manifest, body)
+        except TrustError as exc:
+            self._reject(key, body, exc)
+        self._etag = fetched.etag
+
+    def _still_rejected(self, key: str) -> bool:
+        entry = self._rejected.get(key)
+        return entry is not None and time.monotonic() < entry[0]
+
+    def _reject(self, key: str, body: bytes, exc: TrustError) -> None:
+        _, backoff = self._rejected.get(key, (0.0, Backoff(REJECTED_RETRY_BASE, REJECTED_RETRY_CAP)))
+        self._rejected = {key: (time.monotonic() + backoff.failure(), backoff)}  # only the latest matters
+        what = _describe(body)
+        log.warning("rejected %s: %s", what, exc)
+        self._pending_part = None
+
+    def _fetch_and_install(self, manifest: Manifest, body: bytes) -> None:
+        reason = self.cache.room_for(manifest.size, self.settings.cache_max_bytes)
+        if reason is not None:
+            raise CacheFull(reason)
+        bundle = self.client.get_small(f"/ota/{manifest.bundle}", MAX_BUNDLE_BYTES).body
+        checksum = self.client.get_small(f"/ota/{manifest.checksum}", MAX_CHECKSUM_BYTES).body
+        artifact = self.cache.cached_artifact(manifest)
+        if artifact is None:
+            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, reserve=manifest.size,
+                          keep_parts=frozenset({self.cache.partial_path(manifest.artifact).name}))
+            artifact = self.cache.partial_path(manifest.artifact)
+            self._pending_part = artifact.name
+            self.state.downloading, self.state.received, self.state.total = manifest.version, 0, manifest.size
+            log.info("downloading %s %s (%d bytes)", manifest.name, manifest.version, manifest.size)
+            observed = self.client.download(f"/ota/{manifest.artifact}", artifact, manifest.size, self._progress)
+        else:
+            observed = None
+        try:
+            verified = verify_artifact(artifact, manifest, bundle, self.cache.anchors, checksum_bytes=checksum, observed=observed)
+        except TrustError:
+            if artifact.name.endswith(".part"):
+                artifact.unlink(missing_ok=True)
+                artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
+            raise
+        self.cache.install(manifest, body, artifact, bundle, checksum)
+        self._pending_part = None
+        self._gc_if_due(force=True)
+        log.info("verified %s %s (sha256 %s..., key %s); serving it to robots", manifest.name, manifest.version, verified.sha256[:12], verified.key)
+
+    def _progress(self, received: int, total: int) -> None:
+        self.state.received, self.state.total = received, total
+        self.heartbeat.beat()
+        if self._stop:
+            raise TransportError("stopping")
+
+    def _gc_if_due(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_gc:
+            return
+        self._next_gc = now + self.settings.cache_gc_interval
+        keep = frozenset({self._pending_part}) if self._pending_part else frozenset()
+        try:
+            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, keep_parts=keep)
+        except OSError as exc:
+            log.error("cache gc failed: %s", exc)
+
+
+class CacheFull(TrustError):
+    """Not a trust failure, but handled like one: the same manifest is not retried at
+    once, and the active release is never evicted to make room."""
+
+
+def _describe(body: bytes) -> str:
+    try:
+        manifest = parse_manifest(body)
+    except OtadError:
+        return "manifest"
+    return f"{manifest.name} {manifest.version}"

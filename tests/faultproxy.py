@@ -1,0 +1,146 @@
+"""A TCP fault proxy between two real processes: cut after N bytes, stall, refuse.
+
+Runs in the test process on 127.0.0.1. It counts the bytes that flow from the
+upstream server to the client, so a test can prove a resumed download did not
+fetch the file again from the start.
+"""
+from __future__ import annotations
+
+import select
+import socket
+import threading
+
+
+class FaultProxy:
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.downstream_bytes = 0  # upstream -> client, in total
+        self.cuts_left = 0
+        self.cut_after = 0  # bytes per connection before it is cut, while cuts_left > 0
+        self.cuts_done = 0
+        self.stalled = threading.Event()
+        self.refusing = False
+        self._closing = False
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    # -- levers ---------------------------------------------------------------------
+    def cut_connections(self, count: int, after_bytes: int) -> None:
+        with self.lock:
+            self.cuts_left, self.cut_after = count, after_bytes
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def unstall(self) -> None:
+        self.stalled.clear()
+
+    def refuse(self, on: bool = True) -> None:
+        """Accept and immediately reset every new connection (and drop live ones)."""
+        self.refusing = on
+        if on:
+            self.drop_all()
+
+    def drop_all(self) -> None:
+        with self.lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            _close(conn)
+
+    def close(self) -> None:
+        self._closing = True
+        _close(self.listener)
+        self.drop_all()
+
+    # -- plumbing -----------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                _close(client)
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            _close(client)
+            return
+        with self.lock:
+            self._conns += [client, server]
+            budget = self.cut_after if self.cuts_left > 0 else None
+            if budget is not None:
+                self.cuts_left -= 1
+        sent = 0
+        try:
+            while True:
+                readable, _, _ = select.select([client, server], [], [], 0.2)
+                if self._closing:
+                    return
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is server:
+                        while self.stalled.is_set() and not self._closing:
+                            threading.Event().wait(0.05)  # hold the bytes while stalled
+                        if budget is not None and sent + len(data) >= budget:
+                            data = data[: budget - sent]
+                            client.sendall(data)
+                            with self.lock:
+                                self.downstream_bytes += len(data)
+                                self.cuts_done += 1
+                            return
+                        client.sendall(data)
+                        sent += len(data)
+                        with self.lock:
+                            self.downstream_bytes += len(data)
+                    else:
+                        server.sendall(data)
+        except OSError:
+            return
+        finally:
+            _close(client)
+            _close(server)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class NotifySocket:
+    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
