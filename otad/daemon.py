@@ -55,6 +55,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
+        self.exit_code = 0
 
     # -- to implement ---------------------------------------------------------
     def start(self) -> None:
@@ -77,6 +78,12 @@ class Daemon:
     def request_stop(self, *_: object) -> None:
         self._stop = True
         self._wake.set()
+
+    def fail(self, reason: str) -> None:
+        """Stop with exit status 1, so systemd's Restart=on-failure starts us again."""
+        log.error("%s; exiting so that systemd restarts %s", reason, self.name)
+        self.exit_code = 1
+        self.request_stop()
 
     def _request_reload(self, *_: object) -> None:
         self._reload = True
@@ -127,7 +134,7 @@ class Daemon:
             self.notifier.stopping()
             log.info("%s stopping", self.name)
             self.shutdown()
-        return 0
+        return self.exit_code
 
 
 def daemon_main(

@@ -39,8 +39,7 @@ class Gateway(Daemon):
 
     def tick(self) -> float:
         if not self.server_thread.is_alive():
-            log.error("edge listener stopped unexpectedly; exiting so systemd restarts the gateway")
-            self.request_stop()
+            self.fail("edge listener stopped unexpectedly")
         return 1.0
 
     def apply_settings(self, settings: GatewaySettings) -> None:

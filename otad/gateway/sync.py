@@ -63,6 +63,7 @@ class Syncer:
         self.client = HttpClient(settings.dashboard_url, limits)
         if old is not None:
             old.close()
+        self._next_gc = 0.0  # new bounds apply now, not at the old interval's end
         self._wake.set()
 
     def stop(self) -> None:

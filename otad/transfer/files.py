@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -38,11 +39,13 @@ def open_inside(root: Path, name: str):
         real = Path(os.path.realpath(candidate))
         if real.parent != Path(os.path.realpath(root)):
             return None
-        stream = open(real, "rb")
+        # O_NONBLOCK: opening a FIFO that sits where a file should be must not hang a thread.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (OSError, ValueError):
         return None
-    st = os.fstat(stream.fileno())
-    if not (st.st_mode & 0o170000 == 0o100000):
-        stream.close()
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         return None
-    return stream, st
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), st

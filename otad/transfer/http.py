@@ -96,8 +96,8 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
         return start, size - start
     start = int(first)
     end = int(last) if last else size - 1
-    if end < start:
-        return None
+    if last and end < start:
+        return None  # invalid: ignore the Range header
     if start >= size:
         return "unsatisfiable"
     end = min(end, size - 1)

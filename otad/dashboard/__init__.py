@@ -1,0 +1,67 @@
+"""The dashboard (central server): serves published releases to gateways.
+
+`application` is a WSGI callable for any WSGI server (gunicorn, uwsgi,
+mod_wsgi, waitress-serve): it reads its settings from the file named by
+$OTAD_DASHBOARD_CONFIG, else /etc/otad/dashboard.conf, on the first request.
+`otad-dashboard` (otad.dashboard.main) serves the same app with waitress.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from otad.config import load_settings
+from otad.dashboard.app import DashboardApp, Environ, StartResponse, error_response
+from otad.dashboard.ota import OtaFolder
+from otad.dashboard.settings import CONFIG_ENV, DEFAULT_CONFIG, DashboardSettings
+from otad.errors import OtadError
+
+__all__ = ["application", "make_app", "DashboardApp", "DashboardSettings"]
+log = logging.getLogger("otad.dashboard")
+
+
+def make_app(settings: DashboardSettings, use_inotify: bool = True) -> DashboardApp:
+    """The dashboard's WSGI app for `settings` (creates OTA_DIR if it is missing)."""
+    return DashboardApp(OtaFolder(settings.ota_dir, use_inotify=use_inotify))
+
+
+class _LazyApplication:
+    """Loads settings on the first request, so importing the module has no side effects
+    and a pre-forking server builds one app (and one inotify watch) per worker."""
+
+    def __init__(self) -> None:
+        self._app: DashboardApp | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> DashboardApp:
+        with self._lock:
+            if self._app is None:
+                path = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)
+                settings = load_settings(DashboardSettings, path, required=CONFIG_ENV in os.environ)
+                self._app = make_app(settings)
+            return self._app
+
+    def close(self) -> None:
+        """Stop watching OTA_DIR (for a server's shutdown hook); the next request loads again."""
+        with self._lock:
+            app, self._app = self._app, None
+        if app is not None:
+            app.ota.close()
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        app = self._app
+        if app is None:
+            try:
+                app = self._load()
+            except Exception as exc:
+                # Not cached: the next request tries again once the config is fixed.
+                reason = str(exc) if isinstance(exc, OtadError) else f"{type(exc).__name__}: {exc}"
+                log.error("dashboard not configured: %s", reason)
+                return error_response(start_response, 500, "dashboard is not configured", environ.get("REQUEST_METHOD", "GET"))
+        return app(environ, start_response)
+
+
+application: Any = _LazyApplication()

@@ -1,0 +1,176 @@
+"""The dashboard's WSGI application, OTA half: /manifest, /ota/<file>, /healthz.
+
+Status and headers for every file come from otad.transfer.http.plan_response
+(the same rules as the gateway); this module only routes and moves bytes.
+Every error is a one-line JSON body; no exception escapes to the server.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from typing import Any, BinaryIO
+
+from otad import __version__
+from otad.dashboard.ota import OtaFolder
+from otad.transfer.files import open_inside, safe_file_name
+from otad.transfer.http import Plan, Validators, plan_response, stat_etag
+
+log = logging.getLogger("otad.dashboard")
+
+CHUNK = 256 * 1024
+ALLOW = "GET, HEAD"
+MANIFEST_ROUTES = ("/manifest", "/ota/manifest.json")
+OTA_PREFIX = "/ota/"
+_CONTENT_TYPES = {".json": "application/json", ".sha256": "text/plain; charset=us-ascii", ".gz": "application/gzip"}
+
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+
+
+class RequestHeaders:
+    """The `.get(name)` view of a WSGI environ that plan_response expects."""
+
+    def __init__(self, environ: Environ) -> None:
+        self._environ = environ
+
+    def get(self, name: str) -> str | None:
+        return self._environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+
+class FileSpan:
+    """`length` bytes of an open file from its current position, in bounded chunks."""
+
+    def __init__(self, stream: BinaryIO, length: int) -> None:
+        self._stream = stream
+        self._remaining = length
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self._remaining > 0:
+            data = self._stream.read(min(CHUNK, self._remaining))
+            if not data:
+                return
+            self._remaining -= len(data)
+            yield data
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class DashboardApp:
+    """A WSGI callable. `ota` may be swapped for another OtaFolder at any time (SIGHUP)."""
+
+    def __init__(self, ota: OtaFolder) -> None:
+        self.ota = ota
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "") or "/"
+        try:
+            return self._route(method, path, environ, start_response)
+        except Exception as exc:
+            log.error("%s %s failed: %s: %s", method, path[:200], type(exc).__name__, exc)
+            # exc_info lets start_response be called again if the handler had already called it.
+            return _json(start_response, 500, {"error": "internal error"}, method, exc_info=sys.exc_info())
+
+    def _route(self, method: str, path: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if not (path in MANIFEST_ROUTES or path == "/healthz" or path.startswith(OTA_PREFIX)):
+            return error_response(start_response, 404, "not found", method)
+        if method not in ("GET", "HEAD"):
+            body = {"error": f"method {method[:20]} is not allowed here"}
+            return _json(start_response, 405, body, method, [("Allow", ALLOW)])
+        if path == "/healthz":
+            return self._healthz(method, start_response)
+        if path in MANIFEST_ROUTES:
+            return self._manifest(method, environ, start_response)
+        return self._file(method, path[len(OTA_PREFIX):], environ, start_response)
+
+    def _healthz(self, method: str, start_response: StartResponse) -> Iterable[bytes]:
+        current = self.ota.current()
+        release = current.manifest.version if current else None
+        body = {"status": "ok", "version": __version__, "release": release}
+        return _json(start_response, 200, body, method, [("Cache-Control", "no-store")])
+
+    def _manifest(self, method: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        current = self.ota.current()
+        if current is None:
+            return error_response(start_response, 404, "no release published yet", method)
+        plan = plan_response(method, RequestHeaders(environ), current.validators)
+        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-cache"), *plan.headers]
+        if plan.status in (200, 206):
+            start_response(_status(plan.status), headers)
+            return [] if method == "HEAD" else [current.data[plan.start:plan.start + plan.length]]
+        return _planned_without_body(start_response, plan, headers, method)
+
+    def _file(self, method: str, tail: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        name = safe_file_name(tail)
+        opened = open_inside(self.ota.root, name) if name is not None else None
+        if opened is None:
+            return error_response(start_response, 404, "no such file", method)
+        stream, st = opened
+        try:
+            validators = Validators(st.st_size, stat_etag(st.st_size, st.st_mtime_ns), int(st.st_mtime))
+            plan = plan_response(method, RequestHeaders(environ), validators)
+            headers = [("Content-Type", _content_type(name)), *plan.headers]
+            if plan.status not in (200, 206):
+                stream.close()
+                return _planned_without_body(start_response, plan, headers, method)
+            start_response(_status(plan.status), headers)
+            if method == "HEAD":
+                stream.close()
+                return []
+            return _file_body(environ, stream, plan, st.st_size)
+        except BaseException:
+            stream.close()
+            raise
+
+
+def _file_body(environ: Environ, stream: BinaryIO, plan: Plan, size: int) -> Iterable[bytes]:
+    stream.seek(plan.start)
+    wrapper = environ.get("wsgi.file_wrapper")
+    # A file_wrapper may send up to EOF (PEP 3333 only says a server *should* stop at
+    # Content-Length), so hand it only spans that end at EOF: whole files and the
+    # open-ended ranges a resuming download asks for. Waitress stops at Content-Length.
+    if wrapper is not None and plan.start + plan.length == size:
+        return wrapper(stream, CHUNK)
+    return FileSpan(stream, plan.length)
+
+
+def _planned_without_body(start_response: StartResponse, plan: Plan, headers: list, method: str) -> Iterable[bytes]:
+    """304 (headers only) or 416 (a JSON error next to plan's Content-Range)."""
+    if plan.status == 416:
+        return _json(start_response, 416, {"error": "range not satisfiable"}, method, plan.headers)
+    start_response(_status(plan.status), headers)
+    return []
+
+
+def _content_type(name: str) -> str:
+    for suffix, content_type in _CONTENT_TYPES.items():
+        if name.endswith(suffix):
+            return content_type
+    return "application/octet-stream"
+
+
+def _status(code: int) -> str:
+    return f"{code} {HTTPStatus(code).phrase}"
+
+
+def error_response(start_response: StartResponse, code: int, message: str, method: str) -> Iterable[bytes]:
+    return _json(start_response, code, {"error": message}, method)
+
+
+def _json(
+    start_response: StartResponse,
+    code: int,
+    body: dict,
+    method: str,
+    extra: list[tuple[str, str]] | None = None,
+    exc_info: Any = None,
+) -> Iterable[bytes]:
+    data = json.dumps(body).encode("utf-8") + b"\n"
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *(extra or [])]
+    start_response(_status(code), headers, exc_info)
+    # HEAD: the same headers, no body (waitress does not strip it for us).
+    return [] if method == "HEAD" else [data]

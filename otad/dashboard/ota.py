@@ -1,0 +1,195 @@
+"""The OTA folder as the dashboard serves it: the current manifest, in memory, kept fresh.
+
+`otad-release publish` copies the artifacts first and renames manifest.json in
+last, so a new manifest appearing is the one event that matters. It is noticed
+by an inotify watch on the folder (pyinotify) or, where inotify is unavailable,
+by comparing manifest.json's (inode, mtime, size) on each request that needs
+the manifest. Either way a new manifest is parsed with the one manifest reader
+before it replaces the current one: a malformed file is logged and ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from otad.errors import ConfigError, MalformedMetadata
+from otad.transfer.http import Validators, content_etag
+from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+
+MANIFEST = "manifest.json"
+log = logging.getLogger("otad.dashboard")
+
+try:
+    with warnings.catch_warnings():
+        # pyinotify 0.9.6 imports asyncore, deprecated since Python 3.10.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import pyinotify
+    # pyinotify installs its own timestamped stderr handler; our one-line format
+    # (otad.log, or the host WSGI server's setup) should apply instead.
+    logging.getLogger("pyinotify").handlers.clear()
+    _INOTIFY_IMPORT_ERROR = ""
+except Exception as exc:  # ImportError, or no inotify on this platform
+    pyinotify = None
+    _INOTIFY_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+StatKey = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Published:
+    """The manifest being served: its exact bytes, their validators, what they say."""
+
+    data: bytes
+    validators: Validators
+    manifest: Manifest
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
+
+class OtaFolder:
+    """One OTA_DIR: `current()` is what /manifest serves; files are served from `root`."""
+
+    def __init__(self, root: Path, use_inotify: bool = True) -> None:
+        self.root = root
+        _ensure_folder(root)
+        self._lock = threading.Lock()
+        self._current: Published | None = None
+        self._seen: StatKey | None = None
+        # Watch before the first read, so a publish in between is not missed.
+        self._watcher = self._start_watcher() if use_inotify else None
+        how = "inotify" if self._watcher else "a stat check per request"
+        log.info("watching %s for new releases (%s)", root, how)
+        with self._lock:
+            self._load()
+
+    def current(self) -> Published | None:
+        """The manifest to serve now (None before the first publish)."""
+        if not self._watching():
+            self.refresh()
+        return self._current
+
+    def refresh(self, force: bool = False) -> None:
+        """Re-read manifest.json if it changed since last seen (always, if forced)."""
+        if not force and _stat_key(self.root / MANIFEST) == self._seen:
+            return
+        with self._lock:
+            self._load()
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    def _watching(self) -> bool:
+        return self._watcher is not None and self._watcher.alive
+
+    def _start_watcher(self) -> _Watcher | None:
+        if pyinotify is None:
+            log.warning("pyinotify is unavailable (%s); checking %s by stat", _INOTIFY_IMPORT_ERROR, MANIFEST)
+            return None
+        try:
+            return _Watcher(self.root, lambda: self.refresh(force=True))
+        except OSError as exc:
+            log.warning("cannot watch %s with inotify (%s); checking %s by stat", self.root, exc, MANIFEST)
+            return None
+
+    def _load(self) -> None:
+        """Read manifest.json and switch to it if it is valid. Caller holds the lock."""
+        path = self.root / MANIFEST
+        try:
+            data, st = _read_manifest(path)
+        except FileNotFoundError:
+            self._seen = None
+            if self._current is not None:
+                log.warning("%s was removed; no release is served until the next publish", path)
+            self._current = None
+            return
+        except OSError as exc:
+            # Remember the key anyway: the stat fallback must not log this on every request.
+            self._seen = _stat_key(path)
+            log.error("cannot read %s (%s); %s", path, exc.strerror or exc, self._still_serving())
+            return
+        self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._current is not None and data == self._current.data:
+            return
+        try:
+            manifest = parse_manifest(data)
+        except MalformedMetadata as exc:
+            log.error("ignoring malformed %s: %s; %s", path, exc, self._still_serving())
+            return
+        etag = content_etag(hashlib.sha256(data).hexdigest())
+        self._current = Published(data, Validators(len(data), etag, int(st.st_mtime)), manifest)
+        log.info("serving %s %s (manifest ETag %s)", manifest.name, manifest.version, etag)
+
+    def _still_serving(self) -> str:
+        return f"still serving {self._current.label}" if self._current else "no release is served yet"
+
+
+class _Watcher:
+    """An inotify watch on the folder, calling `on_change` from its own thread."""
+
+    def __init__(self, root: Path, on_change: Callable[[], None]) -> None:
+        self.alive = True
+        self._root = root
+        self._on_change = on_change
+        self._manager = pyinotify.WatchManager()
+        mask = pyinotify.IN_MOVED_TO | pyinotify.IN_CLOSE_WRITE | pyinotify.IN_DELETE | pyinotify.IN_MOVED_FROM
+        watches = self._manager.add_watch(str(root), mask)
+        if watches.get(str(root), -1) < 0:
+            self._manager.close()
+            raise OSError("inotify_add_watch failed")
+        self._notifier = pyinotify.ThreadedNotifier(self._manager, self._handle)
+        self._notifier.name = "ota-inotify"
+        self._notifier.daemon = True
+        self._notifier.start()
+
+    def _handle(self, event) -> None:
+        try:
+            if event.mask & pyinotify.IN_IGNORED:
+                # The folder itself went away (deleted, unmounted): no more events will come.
+                self.alive = False
+                log.warning("inotify watch on %s ended; checking %s by stat from now on", self._root, MANIFEST)
+            elif event.mask & pyinotify.IN_Q_OVERFLOW or event.name == MANIFEST:
+                self._on_change()
+        except Exception as exc:  # the watcher thread must survive anything
+            log.error("handling an inotify event failed: %s: %s", type(exc).__name__, exc)
+
+    def stop(self) -> None:
+        self.alive = False
+        self._notifier.stop()
+
+
+def _ensure_folder(root: Path) -> None:
+    """Create OTA_DIR if missing: the dashboard answers 404s before the first publish."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"OTA_DIR ({root}): cannot create folder ({exc.strerror})") from None
+    if not root.is_dir():
+        raise ConfigError(f"OTA_DIR ({root}): not a folder")
+
+
+def _stat_key(path: Path) -> StatKey | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _read_manifest(path: Path) -> tuple[bytes, os.stat_result]:
+    # O_NONBLOCK: a FIFO dropped in under this name must not hang the dashboard.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as stream:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        return stream.read(MAX_MANIFEST_BYTES + 1), st

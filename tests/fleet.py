@@ -1,0 +1,109 @@
+"""A site on loopback for tests: a real dashboard, real gateways, releases built with the real CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import requests
+
+from conftest import make_app, otad_release
+from harness import Daemon, wait_until, write_config
+
+
+class Site:
+    def __init__(self, root: Path, key: Path, pub: Path) -> None:
+        self.root, self.key, self.pub = root, key, pub
+        self.ota = root / "ota"
+        self.ota.mkdir()
+        self.dashboard: Daemon | None = None
+        self.gateways: list[Daemon] = []
+
+    # -- releases -------------------------------------------------------------------
+    def build(self, version: str, size: int = 64 * 1024, key: Path | None = None, seed: int = 0) -> Path:
+        """Build a release into its own folder; the app holds `size` bytes of random data."""
+        app = make_app(self.root / f"app-{version}", version, {
+            "bin/app": b"#!/bin/sh\necho app\n",
+            "data.bin": _random_bytes(size, seed or hash(version) & 0xFFFF),
+        })
+        out = self.root / f"out-{version}-{(key or self.key).stem}"
+        result = otad_release("build", "--app-dir", str(app), "--version", version, "--key", str(key or self.key), "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        return out
+
+    def publish(self, out: Path) -> dict:
+        result = otad_release("publish", "--from", str(out), "--to", str(self.ota))
+        assert result.returncode == 0, result.stderr
+        return json.loads((out / "manifest.json").read_text())
+
+    def release(self, version: str, size: int = 64 * 1024) -> dict:
+        return self.publish(self.build(version, size))
+
+    # -- daemons ----------------------------------------------------------------------
+    def start_dashboard(self, **overrides) -> Daemon:
+        config = write_config(self.root / "dashboard.conf", {
+            "LISTEN": "127.0.0.1:0", "OTA_DIR": self.ota, "STATE_DIR": self.root / "dashboard-state", **overrides,
+        })
+        self.dashboard = Daemon("otad-dashboard", config, self.root / "dashboard.log").start()
+        return self.dashboard
+
+    def gateway(self, dashboard_url: str | None = None, name: str = "gw", env: dict | None = None, **overrides) -> Daemon:
+        values = {
+            "DASHBOARD_URL": dashboard_url or self.dashboard.url,
+            "TRUSTED_KEYS": self.pub,
+            "LISTEN": "127.0.0.1:0",
+            "STATE_DIR": self.root / f"{name}-state",
+            "POLL_INTERVAL": 1,
+            "BACKOFF_MAX": 2,
+            "CONNECT_TIMEOUT": 2,
+            "READ_TIMEOUT": 3,
+            "GATEWAY_ID": name,
+            **overrides,
+        }
+        config = write_config(self.root / f"{name}.conf", values)
+        daemon = Daemon("otad-gateway", config, self.root / f"{name}.log", env=env)
+        self.gateways.append(daemon)
+        return daemon
+
+    def stop_all(self) -> None:
+        for daemon in [*self.gateways, self.dashboard]:
+            if daemon is not None and daemon.running():
+                daemon.kill9()
+
+
+def served_manifest(url: str) -> dict | None:
+    try:
+        response = requests.get(f"{url}/manifest", timeout=5)
+    except requests.RequestException:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def wait_for_version(url: str, version: str, timeout: float = 20) -> dict:
+    return wait_until(lambda: (m := served_manifest(url)) and m.get("version") == version and m, timeout, f"{url} to serve {version}")
+
+
+def fetch_release(url: str, manifest: dict) -> bytes:
+    """Download a served release and check it against its manifest, as a robot would."""
+    artifact = requests.get(f"{url}/ota/{manifest['artifact']}", timeout=30)
+    assert artifact.status_code == 200, artifact.text
+    assert len(artifact.content) == manifest["size"]
+    assert hashlib.sha256(artifact.content).hexdigest() == manifest["sha256"]
+    for name in (manifest["bundle"], manifest["checksum"]):
+        assert requests.get(f"{url}/ota/{name}", timeout=10).status_code == 200
+    return artifact.content
+
+
+def _random_bytes(size: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+def rss_high_water_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")

@@ -1,0 +1,257 @@
+"""otad-gateway with a real dashboard on loopback: sync, verify, cache, serve, survive faults."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+
+import pytest
+import requests
+
+from conftest import otad_release
+from faultproxy import FaultProxy, NotifySocket
+from harness import run_command, wait_until, write_config
+from fleet import Site, fetch_release, served_manifest, wait_for_version
+
+
+@pytest.fixture
+def site(tmp_path, keypair):
+    key, pub = keypair
+    s = Site(tmp_path, key, pub)
+    s.start_dashboard()
+    yield s
+    s.stop_all()
+
+
+def cached_files(gateway_state) -> set[str]:
+    files = gateway_state / "cache" / "files"
+    return {p.name for p in files.iterdir()} if files.exists() else set()
+
+
+def test_gateway_caches_v1_then_switches_to_v2_within_a_poll(site):
+    v1 = site.release("1.0.0")
+    gw = site.gateway().start()
+    wait_for_version(gw.url, "1.0.0")
+    fetch_release(gw.url, v1)
+    assert "verified app 1.0.0" in gw.log()
+
+    # A robot polling hard during the switch must only ever see complete, verified releases.
+    seen, problems, done = set(), [], threading.Event()
+
+    def robot():
+        while not done.is_set():
+            manifest = served_manifest(gw.url)
+            if manifest is None:
+                problems.append("manifest missing")
+                continue
+            seen.add(manifest["version"])
+            try:
+                fetch_release(gw.url, manifest)
+            except AssertionError as exc:
+                problems.append(f"{manifest['version']}: {exc}")
+
+    checker = threading.Thread(target=robot)
+    checker.start()
+    try:
+        v2 = site.release("2.0.0", size=2 * 1024 * 1024)
+        wait_for_version(gw.url, "2.0.0", timeout=15)
+        wait_until(lambda: "2.0.0" in seen, 10, "the robot to see 2.0.0")
+    finally:
+        done.set()
+        checker.join(30)
+    assert problems == []
+    fetch_release(gw.url, v2)
+    assert seen == {"1.0.0", "2.0.0"}
+
+
+def test_download_resumes_over_five_cuts_without_refetching(site):
+    proxy = FaultProxy(("127.0.0.1", int(site.dashboard.url.rsplit(":", 1)[1])))
+    try:
+        size = 6 * 1024 * 1024
+        manifest = site.publish(site.build("1.0.0", size=size))
+        proxy.cut_connections(5, after_bytes=size // 7)
+        gw = site.gateway(dashboard_url=proxy.url).start()
+        wait_for_version(gw.url, "1.0.0", timeout=60)
+        assert proxy.cuts_done == 5
+        fetch_release(gw.url, manifest)
+        # Everything the gateway pulled, manifests and retries included, stays under 1.1x.
+        assert proxy.downstream_bytes < 1.1 * manifest["size"], proxy.downstream_bytes
+        assert gw.log().count("sync failed") >= 1
+    finally:
+        proxy.close()
+
+
+def test_stalled_transfer_is_cut_and_resumed(site):
+    proxy = FaultProxy(("127.0.0.1", int(site.dashboard.url.rsplit(":", 1)[1])))
+    try:
+        size = 4 * 1024 * 1024
+        manifest = site.publish(site.build("1.0.0", size=size))
+        proxy.cut_connections(1, after_bytes=size // 3)  # one cut, so a .part exists
+        gw = site.gateway(dashboard_url=proxy.url).start()
+        wait_until(lambda: proxy.cuts_done == 1, 30, "the first cut")
+        proxy.stall()
+        gw.wait_for_log(r"sync failed.*ReadTimeout|sync failed.*Timeout|ConnectionError", timeout=30)
+        proxy.unstall()
+        wait_for_version(gw.url, "1.0.0", timeout=60)
+        fetch_release(gw.url, manifest)
+        assert proxy.downstream_bytes < 1.5 * size
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("attack", ["tampered-artifact", "bad-bundle", "unknown-key", "lying-sha256"])
+def test_untrusted_release_is_never_cached_or_served(site, tmp_path, attack):
+    site.release("1.0.0")
+    gw = site.gateway().start()
+    wait_for_version(gw.url, "1.0.0")
+    out = site.build("2.0.0")
+    if attack == "tampered-artifact":
+        data = bytearray((out / "app-v2.0.0.tar.gz").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        reason = "sha256 is"
+        site.publish(out)  # publish checks too, so tamper after publishing
+        (site.ota / "app-v2.0.0.tar.gz").write_bytes(bytes(data))
+    elif attack == "bad-bundle":
+        bundle = json.loads((out / "app-v2.0.0.tar.gz.bundle").read_text())
+        other = site.build("2.0.0-x") / "app-v2.0.0-x.tar.gz.bundle"
+        bundle["messageSignature"]["signature"] = json.loads(other.read_text())["messageSignature"]["signature"]
+        (out / "app-v2.0.0.tar.gz.bundle").write_text(json.dumps(bundle))
+        reason = "signature does not verify"
+        site.publish(out)
+    elif attack == "unknown-key":
+        stranger = tmp_path / "stranger"
+        assert otad_release("keygen", "--output-prefix", str(stranger)).returncode == 0
+        out = site.build("2.0.0", key=stranger.with_suffix(".key"))
+        reason = "unknown key"
+        site.publish(out)
+    else:
+        site.publish(out)
+        manifest = json.loads((site.ota / "manifest.json").read_text())
+        manifest["sha256"] = hashlib.sha256(b"something else").hexdigest()
+        (site.ota / "app-v2.0.0.sha256").write_text(f"{manifest['sha256']}  app-v2.0.0.tar.gz\n")
+        tmp = site.ota / ".manifest.tmp"
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, site.ota / "manifest.json")
+        reason = "sha256 is"
+    match = gw.wait_for_log(r"rejected app 2\.0\.0: (.*)")
+    assert reason in match[1]
+    assert served_manifest(gw.url)["version"] == "1.0.0"
+    assert requests.get(f"{gw.url}/ota/app-v2.0.0.tar.gz", timeout=5).status_code == 404
+    assert not any("2.0.0" in name for name in cached_files(site.root / "gw-state"))
+    # Not retried every poll: the same bad manifest is looked at again only after a long backoff.
+    marker = site.release("2.0.1")["version"]
+    wait_for_version(gw.url, marker)
+    assert gw.log().count("rejected app 2.0.0") == 1
+
+
+def test_offline_restart_still_serves_cached_release(site):
+    manifest = site.release("1.0.0", size=512 * 1024)
+    gw = site.gateway().start()
+    wait_for_version(gw.url, "1.0.0")
+    site.dashboard.stop()
+    gw.kill9()
+    gw.start()
+    wait_for_version(gw.url, "1.0.0", timeout=5)
+    fetch_release(gw.url, manifest)
+    gw.wait_for_log("sync failed")
+    fetch_release(gw.url, manifest)
+
+
+def test_refused_wan_keeps_serving_and_recovers(site):
+    proxy = FaultProxy(("127.0.0.1", int(site.dashboard.url.rsplit(":", 1)[1])))
+    try:
+        site.release("1.0.0")
+        gw = site.gateway(dashboard_url=proxy.url).start()
+        wait_for_version(gw.url, "1.0.0")
+        proxy.refuse()
+        gw.wait_for_log("sync failed")
+        site.release("1.1.0")
+        fetch_release(gw.url, served_manifest(gw.url))
+        assert served_manifest(gw.url)["version"] == "1.0.0"
+        proxy.refuse(False)
+        wait_for_version(gw.url, "1.1.0", timeout=20)
+        gw.wait_for_log("dashboard reachable again")
+    finally:
+        proxy.close()
+
+
+def test_gc_keeps_version_and_size_bounds_and_the_active_release(site):
+    gw = site.gateway(CACHE_KEEP_VERSIONS=2, CACHE_MAX_MB=5).start()
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        site.release(version, size=1024 * 1024)
+        wait_for_version(gw.url, version)
+    state = site.root / "gw-state"
+    wait_until(lambda: not any("1.0.0" in n for n in cached_files(state)), 10, "1.0.0 to be evicted")
+    assert {n for n in cached_files(state) if n.endswith(".tar.gz")} == {"app-v1.1.0.tar.gz", "app-v1.2.0.tar.gz"}
+    # Too big to fit beside the active release: refused, active kept.
+    site.release("2.0.0", size=5 * 1024 * 1024)
+    assert "does not fit in CACHE_MAX_MB=5" in gw.wait_for_log(r"rejected app 2\.0\.0: .*")[0]
+    assert served_manifest(gw.url)["version"] == "1.2.0"
+    # Shrink the budget below the active release alone (SIGHUP reload): only the active survives GC.
+    write_config(gw.config, {**_config_values(gw.config), "CACHE_MAX_MB": 1, "CACHE_GC_INTERVAL": 1})
+    gw.signal(signal.SIGHUP)
+    gw.wait_for_log("reloaded config")
+    wait_until(lambda: {n for n in cached_files(state) if n.endswith(".tar.gz")} == {"app-v1.2.0.tar.gz"}, 15, "GC down to the active release")
+    fetch_release(gw.url, served_manifest(gw.url))
+
+
+def _config_values(path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def test_systemd_notifications(site, tmp_path):
+    site.release("1.0.0")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        gw = site.gateway(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}).start()
+        wait_for_version(gw.url, "1.0.0")
+        wait_until(lambda: sum("WATCHDOG=1" in m for m in notify.drain()) >= 3, 10, "three watchdog pings")
+        messages = notify.drain()
+        ready = [m for m in messages if "READY=1" in m]
+        assert ready, messages
+        wait_until(lambda: any("STATUS=serving app 1.0.0" in m for m in notify.drain()), 10, "a STATUS line naming the release")
+        assert gw.stop() == 0
+        assert any("STOPPING=1" in m for m in notify.drain())
+    finally:
+        notify.close()
+
+
+def test_ready_comes_after_the_listener_is_bound(site, tmp_path):
+    """READY=1 must mean robots can connect: the listener answers as soon as READY arrives."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        gw = site.gateway(env={"NOTIFY_SOCKET": notify.path}).start(wait_listening=False)
+        wait_until(lambda: any("READY=1" in m for m in notify.drain()), 20, "READY=1")
+        url = gw.wait_for_log(r"listening on (http://\S+)", timeout=1)[1]
+        assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+    finally:
+        notify.close()
+
+
+@pytest.mark.parametrize(
+    "key,value,named",
+    [("POLL_INTERVAL", "abc", "POLL_INTERVAL"), ("TRUSTED_KEYS", "/nonexistent/key.pub", "TRUSTED_KEYS"),
+     ("LISTEN", "nowhere", "LISTEN"), ("DASHBOARD_URL", "ftp://x", "DASHBOARD_URL"), ("CACHE_KEEP_VERSIONS", "0", "CACHE_KEEP_VERSIONS")],
+)
+def test_bad_config_stops_start_up_naming_the_key(site, key, value, named):
+    gw = site.gateway(**{key: value})
+    for args in (["--check-config"], []):
+        result = run_command("otad-gateway", "--config", str(gw.config), *args, timeout=30)
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_environment_overrides_the_file_and_check_config_passes(site):
+    gw = site.gateway(POLL_INTERVAL="abc")
+    result = run_command("otad-gateway", "--config", str(gw.config), "--check-config", env={"POLL_INTERVAL": "5"})
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_unknown_key_in_file_is_an_error(site):
+    gw = site.gateway(POLL_INTERVALL=5)
+    result = run_command("otad-gateway", "--config", str(gw.config), "--check-config")
+    assert result.returncode == 1 and "unknown key POLL_INTERVALL" in result.stderr
