@@ -19,14 +19,21 @@ class Site:
         self.ota.mkdir()
         self.dashboard: Daemon | None = None
         self.gateways: list[Daemon] = []
+        self.robots: list[Daemon] = []
 
     # -- releases -------------------------------------------------------------------
-    def build(self, version: str, size: int = 64 * 1024, key: Path | None = None, seed: int = 0) -> Path:
-        """Build a release into its own folder; the app holds `size` bytes of random data."""
-        app = make_app(self.root / f"app-{version}", version, {
-            "bin/app": b"#!/bin/sh\necho app\n",
-            "data.bin": _random_bytes(size, seed or hash(version) & 0xFFFF),
-        })
+    def build(self, version: str, size: int = 64 * 1024, key: Path | None = None, seed: int = 0,
+              selftest: str | None = "exit 0", extra: dict[str, bytes] | None = None) -> Path:
+        """Build a release into its own folder; the app holds `size` bytes of random data.
+
+        `selftest` is the body of the release's own ./selftest script (None: no script).
+        """
+        files = {"bin/app": b"#!/bin/sh\necho app\n", "data.bin": _random_bytes(size, seed or hash(version) & 0xFFFF)}
+        if selftest is not None:
+            files["selftest"] = f"#!/bin/sh\n{selftest}\n".encode()
+        app = make_app(self.root / f"app-{version}", version, {**files, **(extra or {})})
+        if selftest is not None:
+            (app / "selftest").chmod(0o755)
         out = self.root / f"out-{version}-{(key or self.key).stem}"
         result = otad_release("build", "--app-dir", str(app), "--version", version, "--key", str(key or self.key), "--out", str(out))
         assert result.returncode == 0, result.stderr
@@ -37,8 +44,8 @@ class Site:
         assert result.returncode == 0, result.stderr
         return json.loads((out / "manifest.json").read_text())
 
-    def release(self, version: str, size: int = 64 * 1024) -> dict:
-        return self.publish(self.build(version, size))
+    def release(self, version: str, size: int = 64 * 1024, **build) -> dict:
+        return self.publish(self.build(version, size, **build))
 
     # -- daemons ----------------------------------------------------------------------
     def start_dashboard(self, **overrides) -> Daemon:
@@ -66,8 +73,29 @@ class Site:
         self.gateways.append(daemon)
         return daemon
 
+    def robot(self, gateway_url: str, name: str = "robot", env: dict | None = None, **overrides) -> Daemon:
+        values = {
+            "GATEWAY_URL": gateway_url,
+            "TRUSTED_KEYS": self.pub,
+            "ROBOT_ID": name,
+            "STATE_DIR": self.root / f"{name}-state",
+            "APP_DIR": self.root / f"{name}-app",
+            "POLL_INTERVAL": 1,
+            "BACKOFF_MAX": 2,
+            "CONNECT_TIMEOUT": 2,
+            "READ_TIMEOUT": 3,
+            "SELFTEST_TIMEOUT": 10,
+            "PROBATION_S": 0,
+            "RESTART_CMD": f"echo restarted $OTAD_VERSION >> {self.root / f'{name}-restarts.log'}",
+            **overrides,
+        }
+        config = write_config(self.root / f"{name}.conf", values)
+        daemon = Daemon("otad-robot", config, self.root / f"{name}.log", env=env)
+        self.robots.append(daemon)
+        return daemon
+
     def stop_all(self) -> None:
-        for daemon in [*self.gateways, self.dashboard]:
+        for daemon in [*self.robots, *self.gateways, self.dashboard]:
             if daemon is not None and daemon.running():
                 daemon.kill9()
 

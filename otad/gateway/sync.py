@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from otad.errors import OtadError, TransportError, TrustError
 from otad.gateway.cache import Cache
 from otad.gateway.settings import GatewaySettings
-from otad.transfer.backoff import Backoff, jittered
+from otad.transfer.backoff import Backoff, RejectedManifests, jittered
 from otad.transfer.client import HttpClient, TransferLimits
 from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest
@@ -24,8 +24,6 @@ from otad.trust.verify import TrustAnchors, verify_artifact
 from otad.daemon import Heartbeat
 
 log = logging.getLogger("otad.gateway")
-REJECTED_RETRY_BASE = 600.0  # a rejected manifest is looked at again after 10 min, doubling
-REJECTED_RETRY_CAP = 6 * 3600.0
 
 
 @dataclass
@@ -47,7 +45,7 @@ class Syncer:
         self._wake = threading.Event()
         self._stop = False
         self._etag: str | None = None
-        self._rejected: dict[str, tuple[float, Backoff]] = {}
+        self._rejected = RejectedManifests()
         self._backoff = Backoff()
         self._next_gc = 0.0
         self._pending_part: str | None = None
@@ -117,7 +115,7 @@ class Syncer:
             self._etag = fetched.etag
             return
         key = hashlib.sha256(body).hexdigest()
-        if self._still_rejected(key):
+        if self._rejected.held(key, time.monotonic()):
             return
         try:
             manifest = parse_manifest(body)
@@ -126,13 +124,8 @@ class Syncer:
             self._reject(key, body, exc)
         self._etag = fetched.etag
 
-    def _still_rejected(self, key: str) -> bool:
-        entry = self._rejected.get(key)
-        return entry is not None and time.monotonic() < entry[0]
-
     def _reject(self, key: str, body: bytes, exc: TrustError) -> None:
-        _, backoff = self._rejected.get(key, (0.0, Backoff(REJECTED_RETRY_BASE, REJECTED_RETRY_CAP)))
-        self._rejected = {key: (time.monotonic() + backoff.failure(), backoff)}  # only the latest matters
+        self._rejected.reject(key, time.monotonic())
         what = _describe(body)
         log.warning("rejected %s: %s", what, exc)
         self._pending_part = None

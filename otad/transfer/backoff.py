@@ -28,3 +28,23 @@ class Backoff:
 def jittered(interval: float, spread: float = 0.1, rng: random.Random | None = None) -> float:
     """interval +/- spread (10% by default)."""
     return interval * (1 + (rng or random).uniform(-spread, spread))
+
+
+class RejectedManifests:
+    """Manifests whose release failed verification, held back so that a bad
+    release does not cost a download every poll. Only the latest is remembered:
+    once the server publishes anything else, that is looked at at once."""
+
+    def __init__(self, base: float = 600.0, cap: float = 6 * 3600.0) -> None:
+        self._base, self._cap = base, cap
+        self._digest: str | None = None
+        self._until = 0.0
+        self._backoff = Backoff(base, cap)
+
+    def held(self, digest: str, now: float) -> bool:
+        return digest == self._digest and now < self._until
+
+    def reject(self, digest: str, now: float) -> None:
+        if digest != self._digest:
+            self._digest, self._backoff = digest, Backoff(self._base, self._cap)
+        self._until = now + self._backoff.failure()

@@ -1,0 +1,72 @@
+"""`otad-robot`: recovery, then the worker thread under the shared daemon loop."""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from otad.daemon import Daemon, Heartbeat, daemon_main
+from otad.robot.installer import Installer
+from otad.robot.outbox import Outbox
+from otad.robot.settings import DEFAULT_CONFIG, RobotSettings
+from otad.robot.state import StateLock, StateStore
+from otad.robot.worker import Worker
+
+log = logging.getLogger("otad.robot")
+
+
+class Robot(Daemon):
+    name = "otad-robot"
+
+    def __init__(self, settings: RobotSettings, config_path: Path) -> None:
+        super().__init__(settings, config_path)
+        store = StateStore(settings.state_dir)
+        self.installer = Installer(settings, store, StateLock(settings.state_dir), Outbox(settings.state_dir))
+        # Longest legitimate silence: a restart plus a self-test, or a stalled transfer's timeouts.
+        silence = 2 * settings.selftest_timeout + 2 * (settings.connect_timeout + settings.read_timeout) + 60
+        self.work_beat = Heartbeat("worker", max_silence=silence)
+        self.heartbeats.append(self.work_beat)
+
+    def start(self) -> None:
+        self.installer.recover()
+        current = self.installer.app.target("CURRENT")
+        log.info("recovered: CURRENT is app %s (robot %s)", current or "none", self.settings.robot_id)
+        self.worker = Worker(self.settings, self.installer, self.work_beat)
+        self.thread = threading.Thread(target=self.worker.run, name="worker", daemon=True)
+        self.thread.start()
+
+    def tick(self) -> float:
+        if not self.thread.is_alive():
+            self.fail("worker thread stopped unexpectedly")
+        return 1.0
+
+    def apply_settings(self, settings: RobotSettings) -> None:
+        if settings.app_dir != self.settings.app_dir or settings.state_dir != self.settings.state_dir:
+            log.warning("APP_DIR/STATE_DIR changes take effect at the next restart")
+            return
+        self.settings = settings
+        self.worker.apply(settings)
+
+    def shutdown(self) -> None:
+        self.worker.stop()
+        self.thread.join(timeout=10)
+
+    def status(self) -> str:
+        current = self.installer.app.target("CURRENT")
+        text = f"CURRENT app {current or 'none'}"
+        worker = getattr(self, "worker", None)
+        if worker is not None and worker.downloading is not None:
+            version, received, total = worker.downloading
+            text += f"; downloading {version} ({100 * received // total if total else 0}%)"
+        elif self.installer.step:
+            text += f"; installing {self.installer.state.target}: {self.installer.step}"
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    return daemon_main("otad-robot", DEFAULT_CONFIG, RobotSettings, Robot, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Robot settings: /etc/otad/robot.conf plus environment overrides (see otad.config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from otad.config import boolean, http_url, identifier, path, seconds, setting, text, whole
+from otad.keyconfig import trusted_keys
+from otad.trust.keys import PublicKey
+
+DEFAULT_CONFIG = "/etc/otad/robot.conf"
+
+
+def machine_id() -> str:
+    try:
+        value = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        value = ""
+    return value or "robot"
+
+
+def _robot_id(raw: str) -> str:
+    return identifier(raw or machine_id())
+
+
+def _whole_or_zero(raw: str) -> int:
+    return whole(0)(raw)
+
+
+@dataclass(frozen=True)
+class RobotSettings:
+    gateway_url: str = setting(http_url, doc="the site gateway's edge listener")
+    trusted_keys: tuple[PublicKey, ...] = setting(trusted_keys, "/etc/otad/keys")
+    poll_interval: int = setting(seconds, "30")
+    robot_id: str = setting(_robot_id, "", "default: /etc/machine-id")
+    state_dir: Path = setting(path, "/var/lib/otad/robot")
+    app_dir: Path = setting(path, "/var/lib/otad/app", "holds releases/, CURRENT, OLD, NEW")
+    selftest_cmd: str = setting(text, "", "default: the release's own ./selftest if present")
+    selftest_timeout: int = setting(seconds, "60")
+    health_cmd: str = setting(text, "", "run during probation; empty: no probation checks")
+    health_interval: int = setting(seconds, "10")
+    probation_s: int = setting(_whole_or_zero, "300", "seconds of health checks after a commit; 0: none")
+    restart_cmd: str = setting(text, "", "e.g. systemctl restart robot-app.service")
+    max_attempts: int = setting(whole(1), "3", "failed installs of one version before it is blacklisted")
+    max_unpacked_mb: int = setting(whole(1), "4096")
+    max_files: int = setting(whole(1), "100000")
+    allow_downgrade: bool = setting(boolean, "no", "install a lower version if the gateway offers one")
+    backoff_max: int = setting(seconds, "300")
+    connect_timeout: int = setting(seconds, "10")
+    read_timeout: int = setting(seconds, "30")
+
+    @property
+    def max_unpacked_bytes(self) -> int:
+        return self.max_unpacked_mb * 1024 * 1024

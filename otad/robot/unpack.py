@@ -1,0 +1,147 @@
+"""Hostile-input-safe unpacking of a release archive into one folder.
+
+Rejected (the whole archive): absolute names, `..` components, members whose
+path passes through a symlink, symlinks or hard links whose target leaves the
+folder, device files, fifos, duplicate names, more than `max_files` members or
+`max_bytes` of content (a gzip bomb stops at the limit, not at a full disk),
+and an archive whose `VERSION` differs from the manifest's. Setuid, setgid
+and sticky bits and group/other write bits are dropped. Files are written with
+O_EXCL|O_NOFOLLOW and fsynced, folders fsynced, before the caller may activate.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+import tarfile
+from pathlib import Path
+
+from otad.errors import TrustError
+
+CHUNK = 1 << 20
+
+
+class UnsafeArchive(TrustError):
+    """The archive tries to do something a release must never do."""
+
+
+def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_files: int) -> int:
+    """Unpack `archive` into the new folder `dest`; return the number of bytes written."""
+    dest.mkdir(mode=0o755)
+    total = files = 0
+    seen: set[str] = set()
+    dirs = [dest]
+    try:
+        with tarfile.open(archive, mode="r|gz") as tar:
+            for member in tar:
+                files += 1
+                if files > max_files:
+                    raise UnsafeArchive(f"archive has more than {max_files} entries")
+                name = _member_name(member.name)
+                if name in seen and not member.isdir():
+                    raise UnsafeArchive(f"{name}: appears twice in the archive")
+                seen.add(name)
+                target = dest / name
+                dirs += _check_parents(dest, name)
+                if member.isdir():
+                    if not target.is_dir():
+                        target.mkdir(mode=0o755)
+                        dirs.append(target)
+                elif member.isfile():
+                    if total + member.size > max_bytes:
+                        raise UnsafeArchive(f"unpacked size exceeds {max_bytes // 2**20} MiB")
+                    total += _write_file(tar, member, target)
+                elif member.issym():
+                    _check_link_target(name, member.linkname, "symlink")
+                    os.symlink(member.linkname, target)
+                elif member.islnk():
+                    source = _member_name(member.linkname)
+                    dirs += _check_parents(dest, source, creating=False)
+                    if not (dest / source).is_file() or (dest / source).is_symlink():
+                        raise UnsafeArchive(f"{name}: hard link to {member.linkname!r}, which is not a file of this release")
+                    os.link(dest / source, target)
+                else:
+                    raise UnsafeArchive(f"{name}: device files, fifos and other special files are refused")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise
+        raise UnsafeArchive(f"archive cannot be unpacked: {exc}") from None
+    _check_version(dest, version)
+    for directory in reversed(dirs):
+        _fsync_dir(directory)
+    return total
+
+
+def _member_name(raw: str) -> str:
+    if not raw or "\0" in raw or raw.startswith("/") or len(raw) > 4096:
+        raise UnsafeArchive(f"{raw[:80]!r}: absolute or invalid member name")
+    name = posixpath.normpath(raw)
+    if name == "." or name.startswith("../") or name == ".." or "/../" in f"/{raw}/":
+        raise UnsafeArchive(f"{raw[:80]!r}: member name leaves the release folder")
+    return name
+
+
+def _check_parents(dest: Path, name: str, creating: bool = True) -> list[Path]:
+    """No member may be written through a symlink: that is how links escape a folder.
+
+    Returns the parent folders it had to create (archives may omit folder entries).
+    """
+    created = []
+    current = dest
+    for part in Path(name).parts[:-1]:
+        current = current / part
+        if current.is_symlink():
+            raise UnsafeArchive(f"{name}: path goes through the symlink {part!r}")
+        if not current.exists():
+            if not creating:
+                break
+            current.mkdir(mode=0o755)
+            created.append(current)
+    if creating and os.path.lexists(dest / name) and not (dest / name).is_dir():
+        raise UnsafeArchive(f"{name}: appears twice in the archive")
+    return created
+
+
+def _check_link_target(name: str, target: str, kind: str) -> None:
+    # Parents are real folders (checked above), so a lexical check is exact here.
+    if not target or target.startswith("/"):
+        raise UnsafeArchive(f"{name}: {kind} to absolute path {target[:80]!r}")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise UnsafeArchive(f"{name}: {kind} target {target[:80]!r} leaves the release folder")
+
+
+def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:
+    # Drop setuid/setgid/sticky and group/other write: a release never needs them.
+    mode = stat.S_IMODE(member.mode) & 0o755 | 0o600
+    source = tar.extractfile(member)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    written = 0
+    with os.fdopen(fd, "wb") as out:
+        while written < member.size:
+            chunk = source.read(min(CHUNK, member.size - written))
+            if not chunk:
+                raise UnsafeArchive(f"{member.name}: archive ends inside this file")
+            out.write(chunk)
+            written += len(chunk)
+        out.flush()
+        os.fchmod(out.fileno(), mode)  # not subject to the umask
+        os.fsync(out.fileno())
+    return written
+
+
+def _check_version(dest: Path, version: str) -> None:
+    path = dest / "VERSION"
+    if path.is_symlink() or not path.is_file():
+        raise UnsafeArchive("archive has no VERSION file at its root")
+    found = path.read_bytes()[:100].decode("utf-8", "replace").strip()
+    if found != version:
+        raise UnsafeArchive(f"archive VERSION says {found!r}, the manifest says {version!r}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

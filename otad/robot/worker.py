@@ -1,0 +1,152 @@
+"""The robot's worker thread: poll the gateway, download, verify, hand over to the installer.
+
+The robot trusts nothing because the gateway said so: it verifies every
+artifact against its own TRUSTED_KEYS with the shared verification core.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+
+from otad.daemon import Heartbeat
+from otad.errors import OtadError, TransportError, TrustError
+from otad.fsutil import atomic_write_bytes
+from otad.robot.installer import Installer
+from otad.robot.settings import RobotSettings
+from otad.semver import Version
+from otad.transfer.backoff import Backoff, RejectedManifests, jittered
+from otad.transfer.client import HttpClient, TransferLimits
+from otad.trust.bundle import MAX_BUNDLE_BYTES
+from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest, utc_timestamp
+from otad.trust.verify import TrustAnchors, verify_artifact
+
+log = logging.getLogger("otad.robot")
+
+
+class Worker:
+    def __init__(self, settings: RobotSettings, installer: Installer, heartbeat: Heartbeat) -> None:
+        self.installer = installer
+        self.heartbeat = heartbeat
+        self.downloads = settings.state_dir / "downloads"
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        self._wake = threading.Event()
+        self._stop = False
+        self._etag: str | None = None
+        self._backoff = Backoff()
+        self._rejected = RejectedManifests()
+        self.downloading: tuple[str, int, int] | None = None  # version, received, total
+        self.apply(settings)
+
+    def apply(self, settings: RobotSettings) -> None:
+        self.settings = settings
+        self.installer.settings = settings
+        self.anchors = TrustAnchors(cosign_keys=settings.trusted_keys)
+        self._backoff.cap = settings.backoff_max
+        old = getattr(self, "client", None)
+        self.client = HttpClient(settings.gateway_url, TransferLimits(settings.connect_timeout, settings.read_timeout))
+        if old is not None:
+            old.close()
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stop:
+            self.heartbeat.beat()
+            if self.installer.check_probation():
+                delay = float(self.settings.health_interval)
+            else:
+                delay = self.poll_once()
+            self.heartbeat.beat()
+            self._wake.wait(delay)
+            self._wake.clear()
+        self.client.close()
+
+    def poll_once(self) -> float:
+        try:
+            fetched = self.client.get_small("/manifest", MAX_MANIFEST_BYTES, etag=self._etag)
+            atomic_write_bytes(self.settings.state_dir / "last_poll", utc_timestamp(time.time()).encode())
+            if fetched.status == 200:
+                self._consider(fetched.body)
+                self._etag = fetched.etag
+        except TransportError as exc:
+            delay = min(self._backoff.failure(), self.settings.backoff_max)
+            log.warning("gateway unreachable, retrying in %.0fs: %s", delay, exc)
+            return delay
+        except OtadError as exc:  # disk trouble while installing: not the release's fault
+            log.error("install interrupted: %s", exc)
+            self._etag = None
+        finally:
+            self.downloading = None
+            self.installer.step = ""
+        self._backoff.success()
+        return jittered(self.settings.poll_interval)
+
+    def _consider(self, body: bytes) -> None:
+        digest = hashlib.sha256(body).hexdigest()
+        if self._rejected.held(digest, time.monotonic()):
+            return
+        try:
+            manifest = parse_manifest(body)
+        except TrustError as exc:
+            self._reject(digest, None, exc)
+            return
+        if not self._wanted(manifest.version):
+            return
+        try:
+            artifact = self._fetch(manifest)
+            committed = self.installer.install(manifest, artifact)
+        except TrustError as exc:
+            self._reject(digest, manifest, exc)
+            return
+        artifact.unlink(missing_ok=True)
+        artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
+        if not committed:
+            self._etag = None  # try this version again on a later poll, until it is blacklisted
+
+    def _wanted(self, version: str) -> bool:
+        state = self.installer.state
+        if version in state.blacklist:
+            return False
+        current = self.installer.app.target("CURRENT")
+        if current is None:
+            return True
+        if Version(version) > Version(current):
+            return True
+        return self.settings.allow_downgrade and version != current
+
+    def _fetch(self, manifest: Manifest):
+        bundle = self.client.get_small(f"/ota/{manifest.bundle}", MAX_BUNDLE_BYTES).body
+        checksum = self.client.get_small(f"/ota/{manifest.checksum}", MAX_CHECKSUM_BYTES).body
+        part = self.downloads / f"{manifest.artifact}.part"
+        for stale in self.downloads.iterdir():
+            if stale.name not in (part.name, part.name + ".meta"):
+                stale.unlink(missing_ok=True)  # an older release's leftovers
+        self.downloading = (manifest.version, 0, manifest.size)
+        log.info("downloading app %s (%d bytes)", manifest.version, manifest.size)
+        observed = self.client.download(f"/ota/{manifest.artifact}", part, manifest.size, self._progress)
+        try:
+            verified = verify_artifact(part, manifest, bundle, self.anchors, checksum_bytes=checksum, observed=observed)
+        except TrustError:
+            part.unlink(missing_ok=True)
+            part.with_name(part.name + ".meta").unlink(missing_ok=True)
+            raise
+        log.info("verified app %s (sha256 %s..., key %s)", manifest.version, verified.sha256[:12], verified.key)
+        return part
+
+    def _progress(self, received: int, total: int) -> None:
+        if self.downloading is not None:
+            self.downloading = (self.downloading[0], received, total)
+        self.heartbeat.beat()
+        if self._stop:
+            raise TransportError("stopping")
+
+    def _reject(self, digest: str, manifest: Manifest | None, exc: TrustError) -> None:
+        self._rejected.reject(digest, time.monotonic())
+        version = manifest.version if manifest else None
+        log.warning("rejected app %s: %s", version or "manifest", exc)
+        self.installer.outbox.add("rejected", version, str(exc))
