@@ -47,6 +47,7 @@ from gateway_serving import (  # noqa: E402 - shared helpers of the serving benc
     cpu_seconds,
     proc_status_kib,
     reset_hwm,
+    self_cpu_seconds,
     start_nginx,
 )
 
@@ -113,12 +114,12 @@ def run_ab(ab: str, server: str, url: str, etag: str, args, keepalive: bool, csv
     argv.append(url)
     if rss_pid is not None:
         reset_hwm(rss_pid)
-    cpu0, clients0, busy0 = cpu_seconds(pids), children_cpu_seconds(), busy_cpu_seconds()
+    cpu0, clients0, self0, busy0 = cpu_seconds(pids), children_cpu_seconds(), self_cpu_seconds(), busy_cpu_seconds()
     start = time.perf_counter()
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=args.timeout + 60)
     seconds = time.perf_counter() - start
     cpu, client_cpu = cpu_seconds(pids) - cpu0, children_cpu_seconds() - clients0
-    other = max(0.0, busy_cpu_seconds() - busy0 - cpu - client_cpu)
+    other = max(0.0, busy_cpu_seconds() - busy0 - cpu - client_cpu - (self_cpu_seconds() - self0))
     if result.returncode != 0:
         sys.exit(f"ab failed ({result.returncode}) against {server}:\n{result.stderr[-2000:]}{result.stdout[-2000:]}")
     out = result.stdout
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         available = sum(r.seconds for r in runs) * (os.cpu_count() or 1)
         other = sum(r.other_cpu for r in runs)
         busy = other > NOISE_SHARE * available
-        print(f"      (other processes used {other:.1f} of the {available:.1f} CPU s of the runs, "
+        print(f"      (CPU outside the server, ab and this script: {other:.1f} of the {available:.1f} CPU s of the runs, "
               f"{100 * other / available:.0f}%{': the machine was busy, re-run when it is quiet' if busy else ''})")
         print(f"\ntotal benchmark time {time.monotonic() - started:.0f} s")
     finally:

@@ -51,8 +51,13 @@ RATIO_TARGET = 0.9
 RSS_TARGET_MIB = 60.0
 # "Flat": the peak at --clients may be at most this much above the peak at 1 client.
 RSS_FLAT_SLACK_MIB = 4.0
-# Warn when other processes took more than this share of the CPU time during the loads.
-NOISE_SHARE = 0.05
+# Warn when the CPU time spent outside the server, the clients and this script exceeds this
+# share of the loads' CPU time. On a quiet machine it is about 5% (softirq time not charged
+# to any process); more means other processes competed for the CPUs.
+NOISE_SHARE = 0.10
+# --nginx-tuned: the two directives of the nginx config that cost CPU on loopback (see
+# docs/benchmarks.md): TCP_CORK around each sendfile, and sendfile in chunks of 2 MiB.
+TUNED = ("tcp_nopush on;", "tcp_nopush off;\n    sendfile_max_chunk 0;")
 CURL_FORMAT = "%{http_code} %{size_download} %{time_total}\\n"
 
 
@@ -132,6 +137,11 @@ def busy_cpu_seconds() -> float:
 def children_cpu_seconds() -> float:
     """CPU time of this process's reaped children (the load clients)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -252,7 +262,7 @@ def _unprivileged():
     return drop, nobody
 
 
-def start_nginx(nginx: str, work: Path, locations: str, http_extra: str = "") -> tuple[Proc, str]:
+def start_nginx(nginx: str, work: Path, locations: str, http_extra: str = "", tuned: bool = False) -> tuple[Proc, str]:
     """nginx in the foreground with its own config, prefix, pid and logs under work/nginx."""
     prefix = work / "nginx"
     (prefix / "tmp").mkdir(parents=True)
@@ -263,8 +273,9 @@ def start_nginx(nginx: str, work: Path, locations: str, http_extra: str = "") ->
     for attempt in range(5):
         port = free_port()
         conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(script=Path(sys.argv[0]).name, prefix=prefix, port=port,
-                                          http_extra=http_extra, locations=locations))
+        text = NGINX_CONF.format(script=Path(sys.argv[0]).name, prefix=prefix, port=port,
+                                 http_extra=http_extra, locations=locations)
+        conf.write_text(text.replace(*TUNED) if tuned else text)
         proc = Proc([nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
                     work / "nginx.log", preexec=drop)
         url = f"http://127.0.0.1:{port}"
@@ -297,7 +308,7 @@ class Load:
     complete: int  # clients that got 200 and the full size
     server_cpu: float
     client_cpu: float
-    other_cpu: float  # CPU used by anything else on the machine meanwhile (noise)
+    other_cpu: float  # CPU the machine spent on anything else meanwhile: softirq not charged to a process, other processes
     peak_rss_kib: int  # gateway only: VmHWM after the load, reset before it
 
     @property
@@ -311,7 +322,7 @@ def run_load(server: str, url: str, size: int, clients: int, timeout: int, pids:
     argv = ["curl", "-s", "-o", "/dev/null", "--max-time", str(timeout), "-w", CURL_FORMAT, url]
     if rss_pid is not None:
         reset_hwm(rss_pid)
-    cpu0, clients0, busy0 = cpu_seconds(pids), children_cpu_seconds(), busy_cpu_seconds()
+    cpu0, clients0, self0, busy0 = cpu_seconds(pids), children_cpu_seconds(), self_cpu_seconds(), busy_cpu_seconds()
     start = time.perf_counter()
     procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) for _ in range(clients)]
     outputs = []
@@ -320,7 +331,7 @@ def run_load(server: str, url: str, size: int, clients: int, timeout: int, pids:
         outputs.append(out.decode(errors="replace").split())
     seconds = time.perf_counter() - start
     cpu, client_cpu = cpu_seconds(pids) - cpu0, children_cpu_seconds() - clients0
-    other = max(0.0, busy_cpu_seconds() - busy0 - cpu - client_cpu)
+    other = max(0.0, busy_cpu_seconds() - busy0 - cpu - client_cpu - (self_cpu_seconds() - self0))
     peak = proc_status_kib(rss_pid, "VmHWM") if rss_pid is not None else 0
     total = complete = 0
     for fields in outputs:
@@ -350,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="loads per server; the median is reported (default 3)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds a single download may take (default 600)")
     parser.add_argument("--seed", type=int, default=20250101, help="seed for the generated app folder")
+    parser.add_argument("--nginx-tuned", action="store_true",
+                        help="diagnostic: nginx with tcp_nopush off and sendfile_max_chunk 0 instead of tcp_nopush on")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     args = parser.parse_args(argv)
     if args.size_mb <= 0 or args.repeat <= 0 or not 1 <= args.clients <= 256 or args.timeout <= 0:
@@ -413,10 +426,12 @@ def main(argv: list[str] | None = None) -> int:
               f"gateway RSS now {proc_status_kib(gateway.pid, 'VmRSS') / 1024:.1f} MiB, "
               f"peak since start (sync + verify) {proc_status_kib(gateway.pid, 'VmHWM') / 1024:.1f} MiB")
 
-        nginx_proc, nginx_url = start_nginx(nginx, work, FILES_LOCATION.format(files=artifact.parent))
+        nginx_proc, nginx_url = start_nginx(nginx, work, FILES_LOCATION.format(files=artifact.parent),
+                                            tuned=args.nginx_tuned)
         daemons.append(nginx_proc)
         nginx_pids = [nginx_proc.pid, *children(nginx_proc.pid)]
-        print(f"nginx {nginx_url} ({len(nginx_pids) - 1} workers{', as nobody' if os.geteuid() == 0 else ''}) "
+        print(f"nginx {nginx_url} ({len(nginx_pids) - 1} workers{', as nobody' if os.geteuid() == 0 else ''}"
+              f"{', tuned: tcp_nopush off, sendfile_max_chunk 0' if args.nginx_tuned else ''}) "
               f"serves the same file: {artifact}")
         urls = {"gateway": f"{gateway_url}/ota/{manifest['artifact']}", "nginx": f"{nginx_url}/ota/{manifest['artifact']}"}
         pids = {"gateway": [gateway.pid], "nginx": nginx_pids}
@@ -476,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         available = sum(r.seconds for r in everything) * (os.cpu_count() or 1)
         other = sum(r.other_cpu for r in everything)
         busy = other > NOISE_SHARE * available
-        print(f"      (other processes used {other:.1f} of the {available:.1f} CPU s of the loads, "
+        print(f"      (CPU outside the server, the clients and this script: {other:.1f} of the {available:.1f} CPU s of the loads, "
               f"{100 * other / available:.0f}%{': the machine was busy, re-run when it is quiet' if busy else ''})")
         print(f"\ntotal benchmark time {time.monotonic() - started:.0f} s")
     finally:

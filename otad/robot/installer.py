@@ -106,7 +106,8 @@ class Installer:
         return None if outcome.ok else _reason("self-test failed", outcome)
 
     def _commit(self, version: str) -> None:
-        probation = self.settings.probation_s > 0 and bool(self.settings.health_cmd)
+        # Probation needs something to roll back to; a robot's first release stays either way.
+        probation = self.settings.probation_s > 0 and bool(self.settings.health_cmd) and self.state.previous is not None
         highest = _max_version(self.state.highest_committed, version)
         attempts = {v: n for v, n in self.state.attempts.items() if v != version}
         self.save(
@@ -118,8 +119,8 @@ class Installer:
             previous_old=self.state.previous_old if probation else None,
         )
         crashpoint("committed")
-        log.info("installed app %s%s", version, f"; on probation for {self.settings.probation_s}s" if probation else "")
         self.outbox.add("installed", version)
+        log.info("installed app %s%s", version, f"; on probation for {self.settings.probation_s}s" if probation else "")
         self.gc()
         crashpoint("gc-done")
 
@@ -158,11 +159,11 @@ class Installer:
         self.save(phase="idle", target=None, committed=previous, attempts=attempts, blacklist=blacklist,
                   probation_until=None, previous=None, previous_old=None)
         crashpoint("rb-recorded")
-        log.warning("rolled back app %s to %s: %s", version, previous or "nothing (no earlier release)", reason)
         self.outbox.add("rolled_back", version, reason)
+        log.warning("rolled back app %s to %s: %s", version, previous or "nothing (no earlier release)", reason)
         if newly_blacklisted:
-            log.warning("blacklisted app %s after %d failed attempts", version, attempts[version])
             self.outbox.add("blacklisted", version, f"{attempts[version]} failed attempts")
+            log.warning("blacklisted app %s after %d failed attempts", version, attempts[version])
         self.gc()
 
     # -- probation ------------------------------------------------------------------------

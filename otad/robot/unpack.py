@@ -4,9 +4,12 @@ Rejected (the whole archive): absolute names, `..` components, members whose
 path passes through a symlink, symlinks or hard links whose target leaves the
 folder, device files, fifos, duplicate names, more than `max_files` members or
 `max_bytes` of content (a gzip bomb stops at the limit, not at a full disk),
-and an archive whose `VERSION` differs from the manifest's. Setuid, setgid
-and sticky bits and group/other write bits are dropped. Files are written with
-O_EXCL|O_NOFOLLOW and fsynced, folders fsynced, before the caller may activate.
+and an archive whose `VERSION` differs from the manifest's. Extended headers
+(PAX records, GNU long names) are capped in size and in number per member and
+sparse files are refused, because tarfile reads those into memory whole.
+Setuid, setgid and sticky bits and group/other write bits are dropped. Files
+are written with O_EXCL|O_NOFOLLOW and fsynced, folders fsynced, before the
+caller may activate.
 """
 from __future__ import annotations
 
@@ -19,10 +22,44 @@ from pathlib import Path
 from otad.errors import TrustError
 
 CHUNK = 1 << 20
+MAX_HEADER_BYTES = 16 * 1024  # one PAX or GNU long-name header: a path and a link target of 4 KiB fit
+MAX_HEADER_CHAIN = 8  # extended headers before one member; tarfile recurses once per header
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 
 
 class UnsafeArchive(TrustError):
     """The archive tries to do something a release must never do."""
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """Checks what tarfile would otherwise trust while it reads a header, before the unpacker sees the member.
+
+    tarfile reads an extended header's data whole into memory (a 2 GiB PAX header
+    is 4 GiB of RAM), recurses once per header (thousands in a row end in
+    RecursionError), and reads a sparse file's map into an unbounded list.
+    """
+
+    def _proc_member(self, tar):
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeArchive(f"{self.name[:80]!r}: sparse files are refused")
+        if self.type not in _EXTENDED:
+            return super()._proc_member(tar)
+        if self.size > MAX_HEADER_BYTES:
+            raise UnsafeArchive(f"extended header of {self.size} bytes (at most {MAX_HEADER_BYTES})")
+        depth = getattr(tar, "_otad_header_chain", 0)
+        if depth >= MAX_HEADER_CHAIN:
+            raise UnsafeArchive(f"more than {MAX_HEADER_CHAIN} extended headers in a row")
+        tar._otad_header_chain = depth + 1
+        try:
+            return super()._proc_member(tar)
+        finally:
+            tar._otad_header_chain = depth
+
+    def _refuse_sparse(self, member, *_):
+        raise UnsafeArchive(f"{member.name[:80]!r}: sparse files are refused")
+
+    # GNU sparse formats 0.0, 0.1 and 1.0, announced in PAX records (1.0 reads its map from the data).
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
 
 
 def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_files: int) -> int:
@@ -31,8 +68,9 @@ def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_
     total = files = 0
     seen: set[str] = set()
     dirs = [dest]
+    links: list[str] = []
     try:
-        with tarfile.open(archive, mode="r|gz") as tar:
+        with tarfile.open(archive, mode="r|gz", tarinfo=_GuardedTarInfo) as tar:
             for member in tar:
                 files += 1
                 if files > max_files:
@@ -54,6 +92,7 @@ def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_
                 elif member.issym():
                     _check_link_target(name, member.linkname, "symlink")
                     os.symlink(member.linkname, target)
+                    links.append(name)
                 elif member.islnk():
                     source = _member_name(member.linkname)
                     dirs += _check_parents(dest, source, creating=False)
@@ -62,7 +101,8 @@ def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_
                     os.link(dest / source, target)
                 else:
                     raise UnsafeArchive(f"{name}: device files, fifos and other special files are refused")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        _check_links_resolve_inside(dest, links)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # ValueError: a robot rejects, never crashes
         if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
             raise
         raise UnsafeArchive(f"archive cannot be unpacked: {exc}") from None
@@ -103,12 +143,30 @@ def _check_parents(dest: Path, name: str, creating: bool = True) -> list[Path]:
 
 
 def _check_link_target(name: str, target: str, kind: str) -> None:
-    # Parents are real folders (checked above), so a lexical check is exact here.
-    if not target or target.startswith("/"):
+    # Parents are real folders (checked above), so a lexical check is exact for the
+    # link's own folder; a target passing through other symlinks is checked once the
+    # whole tree is on disk (_check_links_resolve_inside).
+    if not target or "\0" in target:
+        raise UnsafeArchive(f"{name}: {kind} target is empty or holds a NUL byte")
+    if target.startswith("/"):
         raise UnsafeArchive(f"{name}: {kind} to absolute path {target[:80]!r}")
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
     if resolved == ".." or resolved.startswith("../"):
         raise UnsafeArchive(f"{name}: {kind} target {target[:80]!r} leaves the release folder")
+
+
+def _check_links_resolve_inside(dest: Path, links: list[str]) -> None:
+    """Resolve every symlink for real: lexically harmless targets can still leave through each other.
+
+    `sub/up` -> `..` is the release root and `esc` -> `sub/up/..` normalises to `sub`,
+    but on disk `sub/up/..` is the root's parent. Links are resolved after the last
+    member because a later member can create the link an earlier target passes through.
+    """
+    root = os.path.realpath(dest)
+    for name in links:
+        resolved = os.path.realpath(dest / name)
+        if resolved != root and not resolved.startswith(root + os.sep):
+            raise UnsafeArchive(f"{name}: symlink target {os.readlink(dest / name)[:80]!r} leaves the release folder")
 
 
 def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:

@@ -13,6 +13,7 @@ import time
 from otad.daemon import Heartbeat
 from otad.errors import OtadError, TransportError, TrustError
 from otad.fsutil import atomic_write_bytes
+from otad.robot.crashpoints import crashpoint
 from otad.robot.installer import Installer
 from otad.robot.settings import RobotSettings
 from otad.semver import Version
@@ -71,8 +72,8 @@ class Worker:
             fetched = self.client.get_small("/manifest", MAX_MANIFEST_BYTES, etag=self._etag)
             atomic_write_bytes(self.settings.state_dir / "last_poll", utc_timestamp(time.time()).encode())
             if fetched.status == 200:
+                self._etag = fetched.etag  # _consider clears it to retry a failed version
                 self._consider(fetched.body)
-                self._etag = fetched.etag
         except TransportError as exc:
             delay = min(self._backoff.failure(), self.settings.backoff_max)
             log.warning("gateway unreachable, retrying in %.0fs: %s", delay, exc)
@@ -136,6 +137,7 @@ class Worker:
             part.with_name(part.name + ".meta").unlink(missing_ok=True)
             raise
         log.info("verified app %s (sha256 %s..., key %s)", manifest.version, verified.sha256[:12], verified.key)
+        crashpoint("verified")
         return part
 
     def _progress(self, received: int, total: int) -> None:
@@ -148,5 +150,5 @@ class Worker:
     def _reject(self, digest: str, manifest: Manifest | None, exc: TrustError) -> None:
         self._rejected.reject(digest, time.monotonic())
         version = manifest.version if manifest else None
-        log.warning("rejected app %s: %s", version or "manifest", exc)
         self.installer.outbox.add("rejected", version, str(exc))
+        log.warning("rejected app %s: %s", version or "manifest", exc)

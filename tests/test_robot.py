@@ -1,0 +1,216 @@
+"""otad-robot through a real dashboard and gateway: install, self-test, rollback, blacklist, crashes."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+from conftest import otad_release
+from fleet import Site, wait_for_version
+from harness import wait_until
+from invariants import committed_and_sound, current_problem, current_version, robot_state
+
+
+@pytest.fixture
+def site(tmp_path, keypair):
+    key, pub = keypair
+    s = Site(tmp_path, key, pub)
+    s.start_dashboard()
+    s.gw = s.gateway().start()
+    yield s
+    s.stop_all()
+
+
+def app_dir(site, name="robot"):
+    return site.root / f"{name}-app"
+
+
+def state_dir(site, name="robot"):
+    return site.root / f"{name}-state"
+
+
+def restarts(site, name="robot"):
+    path = site.root / f"{name}-restarts.log"
+    return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
+def test_installs_v1_then_v2_with_current_and_old(site):
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    assert current_version(app_dir(site)) == "1.0.0"
+    assert not os.path.lexists(app_dir(site) / "OLD")
+    site.release("2.0.0")
+    robot.wait_for_log("installed app 2.0.0")
+    assert current_version(app_dir(site)) == "2.0.0"
+    assert os.readlink(app_dir(site) / "OLD") == "releases/1.0.0"
+    assert not os.path.lexists(app_dir(site) / "NEW")
+    assert current_problem(app_dir(site)) is None
+    assert restarts(site) == ["restarted 1.0.0", "restarted 2.0.0"]
+    assert (app_dir(site) / "CURRENT" / "bin" / "app").read_bytes().startswith(b"#!/bin/sh")
+    events = sorted((state_dir(site) / "outbox").glob("*.json"))
+    assert [json.loads(p.read_text())["event"] for p in events] == ["installed", "installed"]
+    # Lower or equal versions are not installed.
+    site.release("1.5.0")
+    wait_until(lambda: (state_dir(site) / "last_poll").exists(), 5, "a poll")
+    first = (state_dir(site) / "last_poll").read_text()
+    wait_until(lambda: (state_dir(site) / "last_poll").read_text() != first, 10, "another poll")
+    assert current_version(app_dir(site)) == "2.0.0"
+    assert "downloading app 1.5.0" not in robot.log()
+
+
+@pytest.mark.parametrize("selftest,reason", [("echo 'wheels jammed' >&2; exit 3", "self-test failed (exit 3): wheels jammed"),
+                                             ("sleep 30", "self-test failed (timed out after 2s)")])
+def test_failed_self_test_rolls_back_then_blacklists(site, selftest, reason):
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url, MAX_ATTEMPTS=2, SELFTEST_TIMEOUT=2).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    site.release("1.1.0", selftest=selftest)
+    robot.wait_for_log(r"blacklisted app 1\.1\.0 after 2 failed attempts", timeout=40)
+    assert current_version(app_dir(site)) == "1.0.0"
+    assert current_problem(app_dir(site)) is None
+    state = robot_state(state_dir(site))
+    assert state["blacklist"] == ["1.1.0"]
+    assert state["last_failure"]["version"] == "1.1.0"
+    assert state["last_failure"]["reason"].startswith(reason)
+    assert robot.log().count("rolled back app 1.1.0 to 1.0.0") == 2
+    assert not (app_dir(site) / "releases" / "1.1.0").exists()
+    # Not downloaded again: wait for more polls, then count.
+    polls = (state_dir(site) / "last_poll")
+    seen = {polls.read_text()}
+    wait_until(lambda: seen.add(polls.read_text()) or len(seen) >= 3, 15, "two more polls")
+    assert robot.log().count("downloading app 1.1.0") == 2
+    assert restarts(site)[-1] == "restarted 1.0.0"
+    events = [json.loads(p.read_text()) for p in sorted((state_dir(site) / "outbox").glob("*.json"))]
+    assert [e["event"] for e in events] == ["installed", "rolled_back", "rolled_back", "blacklisted"]
+
+
+def test_probation_health_failure_rolls_back(site):
+    flag = site.root / "unhealthy"
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url, HEALTH_CMD=f"test ! -e {flag}", PROBATION_S=60, HEALTH_INTERVAL=1).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    site.release("1.1.0")
+    robot.wait_for_log("installed app 1.1.0; on probation for 60s")
+    assert robot_state(state_dir(site))["phase"] == "probation"
+    flag.write_text("crashing")
+    robot.wait_for_log("rolled back app 1.1.0 to 1.0.0: health check failed during probation")
+    assert current_version(app_dir(site)) == "1.0.0"
+    assert current_problem(app_dir(site)) is None
+
+
+def test_robot_verifies_for_itself(site, tmp_path):
+    """A gateway that trusts another key, or a server that lies, cannot get a release unpacked."""
+    stranger = tmp_path / "stranger"
+    assert otad_release("keygen", "--output-prefix", str(stranger)).returncode == 0
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    # A second gateway that trusts the stranger's key serves the stranger's release.
+    rogue = site.gateway(name="rogue", TRUSTED_KEYS=f"{site.pub} {stranger.with_suffix('.pub')}").start()
+    site.publish(site.build("2.0.0", key=stranger.with_suffix(".key")))
+    wait_for_version(rogue.url, "2.0.0")
+    robot2 = site.robot(rogue.url, name="robot2").start(wait_listening=False)
+    robot2.wait_for_log(r"rejected app 2\.0\.0: signed by an unknown key")
+    assert not (app_dir(site, "robot2") / "releases" / "2.0.0").exists()
+    # The robot talking straight to the dashboard, where an artifact was changed after publishing.
+    out = site.build("3.0.0")
+    site.publish(out)
+    data = bytearray((site.ota / "app-v3.0.0.tar.gz").read_bytes())
+    data[-100] ^= 0xFF
+    (site.ota / "app-v3.0.0.tar.gz").write_bytes(bytes(data))
+    robot3 = site.robot(site.dashboard.url, name="robot3").start(wait_listening=False)
+    robot3.wait_for_log(r"rejected app 3\.0\.0: sha256 is")
+    assert not (app_dir(site, "robot3") / "releases" / "3.0.0").exists()
+    events = [json.loads(p.read_text())["event"] for p in (state_dir(site, "robot3") / "outbox").glob("*.json")]
+    assert events == ["rejected"]
+
+
+INSTALL_STEPS = ["verified", "unpacked", "new-linked", "old-linked", "current-linked", "new-removed",
+                 "restarted", "selftest-passed", "committed", "gc-done"]
+
+
+@pytest.mark.parametrize("step", INSTALL_STEPS)
+def test_kill_at_every_install_step_recovers(site, step):
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    robot.stop()
+    site.release("2.0.0")
+    robot.env["OTAD_TEST_CRASH_AT"] = step
+    robot.start(wait_listening=False)
+    wait_until(lambda: robot.proc.poll() is not None, 30, f"the robot to die at {step}")
+    assert robot.proc.returncode == -9
+    robot.env.pop("OTAD_TEST_CRASH_AT")
+    robot.start(wait_listening=False)
+    robot.wait_for_log("recovered: CURRENT is app")
+    assert committed_and_sound(app_dir(site), state_dir(site)) is None
+    wait_until(lambda: current_version(app_dir(site)) == "2.0.0" and robot_state(state_dir(site))["phase"] == "idle",
+               30, "2.0.0 committed")
+    assert committed_and_sound(app_dir(site), state_dir(site)) is None
+    leftovers = {p.name for p in (app_dir(site) / "releases").iterdir()}
+    assert leftovers == {"1.0.0", "1.0.0.ok", "2.0.0", "2.0.0.ok"}
+    assert not os.path.lexists(app_dir(site) / "NEW")
+
+
+ROLLBACK_STEPS = ["rb-started", "rb-current-linked", "rb-old-linked", "rb-restarted", "rb-recorded"]
+
+
+@pytest.mark.parametrize("step", ROLLBACK_STEPS)
+def test_kill_at_every_rollback_step_recovers(site, step):
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url, MAX_ATTEMPTS=1).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    robot.stop()
+    site.release("2.0.0", selftest="exit 1")
+    robot.env["OTAD_TEST_CRASH_AT"] = step
+    robot.start(wait_listening=False)
+    wait_until(lambda: robot.proc.poll() is not None, 30, f"the robot to die at {step}")
+    robot.env.pop("OTAD_TEST_CRASH_AT")
+    robot.start(wait_listening=False)
+    robot.wait_for_log("recovered: CURRENT is app 1.0.0")
+    assert committed_and_sound(app_dir(site), state_dir(site)) is None
+    state = robot_state(state_dir(site))
+    assert state["blacklist"] == ["2.0.0"] and state["attempts"] == {"2.0.0": 1}
+    assert not (app_dir(site) / "releases" / "2.0.0").exists()
+
+
+@pytest.mark.slow
+def test_fifty_random_kills_always_leave_a_sound_current(site):
+    """kill -9 at random moments while releases (some failing their self-test) come and go."""
+    rng = random.Random(int(os.environ.get("OTAD_KILL_SEED", "20261126")))
+    site.release("1.0.0", selftest="sleep 0.2")
+    robot = site.robot(site.gw.url, MAX_ATTEMPTS=2).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    plan = [("1.1.0", True), ("1.2.0", False), ("1.3.0", True), ("1.4.0", True), ("1.5.0", False), ("1.6.0", True)]
+    good = "1.0.0"
+    kills = 0
+    for index, (version, passes) in enumerate(plan):
+        site.release(version, selftest="sleep 0.2" if passes else "sleep 0.2; exit 1", size=256 * 1024)
+        good = version if passes else good
+        for _ in range(9 if index < 5 else 5):
+            wait_until(lambda: robot.running(), 5, "the robot to run")
+            robot.wait_for_log("recovered: CURRENT is app")
+            # Kill somewhere inside the next ~0.6 s: download, unpack, links, self-test or rollback.
+            deadline = rng.uniform(0.0, 0.6)
+            try:
+                robot.proc.wait(deadline)
+            except Exception:
+                pass
+            robot.kill9()
+            kills += 1
+            problem = current_problem(app_dir(site), allow_none=False)
+            robot.start(wait_listening=False)
+            robot.wait_for_log("recovered: CURRENT is app")
+            assert problem is None or "no completion marker" not in problem, problem
+            assert committed_and_sound(app_dir(site), state_dir(site)) is None
+    assert kills >= 50
+    wait_until(lambda: current_version(app_dir(site)) == good and robot_state(state_dir(site))["phase"] == "idle", 60,
+               f"convergence to {good}")
+    assert committed_and_sound(app_dir(site), state_dir(site)) is None
+    state = robot_state(state_dir(site))
+    for version, passes in plan:
+        if not passes:
+            assert version in state["blacklist"] or (state["attempts"].get(version, 0) >= 1)
