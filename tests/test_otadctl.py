@@ -163,7 +163,7 @@ def test_rollback_blacklists_until_unblacklisted(site):
     result = ctl(robot, "unblacklist", "1.1.0")
     assert result.returncode == 0, result.stderr
     assert status_json(robot)["blacklist"] == []
-    wait_until(lambda: installed_count(robot, "1.1.0") >= 2, 20, "the daemon to install 1.1.0 again")
+    wait_until(lambda: installed_count(robot, "1.1.0") >= 2, 10, "the daemon to install 1.1.0 again")
     assert link(site, "CURRENT") == "releases/1.1.0"
     assert link(site, "OLD") == "releases/1.0.0"
     assert restarts(site)[-1] == "restarted 1.1.0"
@@ -196,7 +196,7 @@ def test_unblacklist_after_automatic_blacklist_makes_the_daemon_try_again(site):
 
     result = ctl(robot, "unblacklist", "2.0.0")
     assert result.returncode == 0, result.stderr
-    wait_until(lambda: robot.log().count("downloading app 2.0.0") >= 2, 20, "the daemon to try 2.0.0 again")
+    wait_until(lambda: robot.log().count("downloading app 2.0.0") >= 2, 10, "the daemon to try 2.0.0 again")
     wait_until(lambda: robot.log().count("blacklisted app 2.0.0") >= 2, 20, "2.0.0 to fail and be blacklisted again")
     assert link(site, "CURRENT") == "releases/1.0.0"
 
