@@ -45,6 +45,9 @@ class Installer:
         version = manifest.version
         with self.lock:
             self.state = self.store.load()  # otadctl may have changed it since the last poll
+            if version in self.state.blacklist:
+                log.info("not installing app %s: it is blacklisted", version)
+                return False
             self.step = "unpacking"
             self.save(phase="unpacking", target=version)
             self.app.remove_release(version)  # leftovers of an abandoned attempt

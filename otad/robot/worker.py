@@ -68,6 +68,12 @@ class Worker:
         self.client.close()
 
     def poll_once(self) -> float:
+        # otadctl may have changed the blacklist since the last poll: look again at
+        # the gateway's manifest even if it has not changed.
+        blacklist = list(self.installer.state.blacklist)
+        self.installer.state = self.installer.store.load()
+        if self.installer.state.blacklist != blacklist:
+            self._etag = None
         try:
             fetched = self.client.get_small("/manifest", MAX_MANIFEST_BYTES, etag=self._etag)
             atomic_write_bytes(self.settings.state_dir / "last_poll", utc_timestamp(time.time()).encode())
