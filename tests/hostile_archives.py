@@ -242,6 +242,7 @@ def symlink_chain_escape(folder: Path, version: str, outside: Path) -> Path:
 
 
 def symlink_nul_target(folder: Path, version: str, outside: Path) -> Path:
+    # A PAX `linkpath` record can hold a NUL; unchecked, os.symlink raises ValueError, not OSError.
     with Release(_archive(folder, "symlink-nul-target"), version) as r:
         r.symlink("bin/link", "app", pax={"linkpath": "app\0/../../evil"})
     return r.path
@@ -373,7 +374,7 @@ def gnu_longname_bomb(folder: Path, version: str, outside: Path) -> Path:
 
 def pax_header_chain(folder: Path, version: str, outside: Path) -> Path:
     # Thousands of small extended headers in a row: tarfile handles each by recursing
-    # into the next header, so this ends in RecursionError, not a TarError.
+    # into the next header, so unchecked this ends in RecursionError, not a TarError.
     record = tarfile.TarInfo._create_pax_generic_header({"comment": "x"}, tarfile.XHDTYPE, "utf-8")
     with Release(_archive(folder, "pax-header-chain"), version) as r:
         for _ in range(3000):

@@ -266,3 +266,13 @@ def test_publish_writes_the_manifest_last(release, tmp_path):
     assert set(visible[:-1]) == {"app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "app-v1.2.3.sha256"}
     # Nothing ever appeared under a final name by being written in place.
     assert all(name.startswith(".") for mask, name in appeared if mask == "IN_CLOSE_WRITE")
+
+
+def test_symlink_chain_that_leads_out_is_refused(tmp_path, keypair):
+    """Each link looks inside on its own; together they lead out of the app folder."""
+    key, _ = keypair
+    app = make_app(tmp_path / "app", "1.0.0")
+    (app / "sub").mkdir()
+    os.symlink("..", app / "sub" / "up")  # the app folder itself: fine alone
+    os.symlink("sub/up/..", app / "esc")  # reads as "sub", resolves to the app's parent
+    assert_one_line_error(build(app, tmp_path / "out", key, "1.0.0"), "resolves outside")

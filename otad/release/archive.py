@@ -79,6 +79,14 @@ def _collect(root: Path) -> list[tuple[str, os.stat_result]]:
                 walk(directory / name, rel + "/")
 
     walk(root, "")
+    # Each link's text was checked above; a chain of links that each look inside
+    # can still lead out, so resolve them for real now that the tree is known.
+    real_root = os.path.realpath(root)
+    for rel, st in found:
+        if stat.S_ISLNK(st.st_mode):
+            resolved = os.path.realpath(root / rel)
+            if resolved != real_root and not resolved.startswith(real_root + os.sep):
+                raise ReleaseError(f"{rel}: symlink resolves outside the app folder")
     return found
 
 

@@ -162,12 +162,12 @@ class Installer:
         self.save(phase="idle", target=None, committed=previous, attempts=attempts, blacklist=blacklist,
                   probation_until=None, previous=None, previous_old=None)
         crashpoint("rb-recorded")
+        self.gc()
         self.outbox.add("rolled_back", version, reason)
         log.warning("rolled back app %s to %s: %s", version, previous or "nothing (no earlier release)", reason)
         if newly_blacklisted:
             self.outbox.add("blacklisted", version, f"{attempts[version]} failed attempts")
             log.warning("blacklisted app %s after %d failed attempts", version, attempts[version])
-        self.gc()
 
     # -- probation ------------------------------------------------------------------------
     def check_probation(self) -> bool:

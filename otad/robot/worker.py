@@ -87,6 +87,14 @@ class Worker:
         except OtadError as exc:  # disk trouble while installing: not the release's fault
             log.error("install interrupted: %s", exc)
             self._etag = None
+        except Exception as exc:  # a bug must not end the worker: repair the state and go on
+            log.error("unexpected %s during poll/install: %s; recovering", type(exc).__name__, exc)
+            self._etag = None
+            try:
+                self.installer.recover()
+            except Exception as again:
+                log.error("recovery failed too: %s: %s", type(again).__name__, again)
+            return min(self._backoff.failure(), self.settings.backoff_max)
         finally:
             self.downloading = None
             self.installer.step = ""
