@@ -53,6 +53,7 @@ class Site:
             "LISTEN": "127.0.0.1:0", "OTA_DIR": self.ota, "STATE_DIR": self.root / "dashboard-state", **overrides,
         })
         self.dashboard = Daemon("otad-dashboard", config, self.root / "dashboard.log").start()
+        self.dashboard.pin_port()  # gateways keep its URL across the stops and starts of a test
         return self.dashboard
 
     def gateway(self, dashboard_url: str | None = None, name: str = "gw", env: dict | None = None, **overrides) -> Daemon:
@@ -135,3 +136,54 @@ def rss_high_water_kib(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     raise AssertionError("no VmHWM")
+
+
+# -- telemetry ---------------------------------------------------------------------------
+
+ROBOT_TOKEN = "robot-token-0123456789"
+GATEWAY_TOKEN = "gateway-token-0123456789"
+
+
+def write_tokens(root: Path, robots: list[str], gateway: str = "gw") -> dict[str, Path]:
+    """Token files as an operator would lay them out (mode 0600)."""
+    files = {
+        "robots": root / "robot-tokens",
+        "gateway_own": root / "gateway.token",
+        "dashboard": root / "gateway-tokens",
+    }
+    files["robots"].write_text("".join(f"{robot} {ROBOT_TOKEN}-{robot}\n" for robot in robots))
+    files["gateway_own"].write_text(GATEWAY_TOKEN + "\n")
+    files["dashboard"].write_text(f"# gateway_id token\n{gateway} {GATEWAY_TOKEN}\n")
+    for path in files.values():
+        path.chmod(0o600)
+    return files
+
+
+def robot_token(robot: str) -> str:
+    return f"{ROBOT_TOKEN}-{robot}"
+
+
+def metric(robot: str, seq: int, boot: str = "boot-1", cpu: float = 12.5) -> dict:
+    return {"robot_id": robot, "boot_id": boot, "seq": seq, "ts": "2026-11-26T10:00:00Z", "type": "metric",
+            "cpu": cpu, "mem": 40.0, "version": "1.0.0", "health": "ok"}
+
+
+def event(robot: str, seq: int, name: str = "installed", boot: str = "boot-1") -> dict:
+    return {"robot_id": robot, "boot_id": boot, "seq": seq, "ts": "2026-11-26T10:00:00Z", "type": "event",
+            "event": name, "version": "1.0.0", "detail": ""}
+
+
+def post_records(url: str, robot: str, records: list[dict], timeout: float = 10) -> requests.Response:
+    return requests.post(f"{url}/metrics", json={"records": records}, timeout=timeout,
+                         headers={"Authorization": f"Bearer {robot_token(robot)}"})
+
+
+def dashboard_records(db_path: Path) -> list[tuple]:
+    """(robot_id, boot_id, seq, type) of every record the dashboard holds, in arrival order."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT robot_id, boot_id, seq, type, body FROM records ORDER BY id").fetchall()
+    finally:
+        conn.close()

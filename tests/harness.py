@@ -61,6 +61,12 @@ class Daemon:
             self.url = match[1]
         return self
 
+    def pin_port(self) -> None:
+        """Rewrite LISTEN to the port bound now, so a restart comes back on the same address."""
+        host_port = self.url.removeprefix("http://")
+        lines = [f"LISTEN={host_port}" if line.startswith("LISTEN=") else line for line in self.config.read_text().splitlines()]
+        self.config.write_text("\n".join(lines) + "\n")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

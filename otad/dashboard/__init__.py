@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from otad.config import load_settings
-from otad.dashboard.app import DashboardApp, Environ, StartResponse, error_response
+from otad.dashboard.app import DashboardApp, Environ, StartResponse, Telemetry, error_response
 from otad.dashboard.ota import OtaFolder
 from otad.dashboard.settings import CONFIG_ENV, DEFAULT_CONFIG, DashboardSettings
+from otad.dashboard.store import SqliteTelemetryStore
+from otad.telemetry.tokens import TokenTable
 from otad.errors import OtadError
 
 __all__ = ["application", "make_app", "DashboardApp", "DashboardSettings"]
@@ -25,7 +27,9 @@ log = logging.getLogger("otad.dashboard")
 
 def make_app(settings: DashboardSettings, use_inotify: bool = True) -> DashboardApp:
     """The dashboard's WSGI app for `settings` (creates OTA_DIR if it is missing)."""
-    return DashboardApp(OtaFolder(settings.ota_dir, use_inotify=use_inotify))
+    store = SqliteTelemetryStore(settings.telemetry_path)
+    tokens = TokenTable.from_file(settings.tokens_file) if settings.tokens_file else None
+    return DashboardApp(OtaFolder(settings.ota_dir, use_inotify=use_inotify), Telemetry(store, tokens))
 
 
 class _LazyApplication:

@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any, BinaryIO
 
 from otad import __version__
+from otad.dashboard.ingest import MAX_WIRE_BYTES, IngestError, authenticate, decode_body, parse_forwarded
 from otad.dashboard.ota import OtaFolder
+from otad.dashboard.status import render_status, status_document
+from otad.dashboard.store import TelemetryStore
+from otad.telemetry.tokens import TokenTable
 from otad.transfer.files import open_inside, safe_file_name
 from otad.transfer.http import Plan, Validators, plan_response, stat_etag
 
@@ -59,11 +64,20 @@ class FileSpan:
         self._stream.close()
 
 
+class Telemetry:
+    """The telemetry half: the store, and the gateways' tokens (swapped on SIGHUP)."""
+
+    def __init__(self, store: TelemetryStore, tokens: TokenTable | None) -> None:
+        self.store = store
+        self.tokens = tokens
+
+
 class DashboardApp:
     """A WSGI callable. `ota` may be swapped for another OtaFolder at any time (SIGHUP)."""
 
-    def __init__(self, ota: OtaFolder) -> None:
+    def __init__(self, ota: OtaFolder, telemetry: Telemetry) -> None:
         self.ota = ota
+        self.telemetry = telemetry
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -76,6 +90,18 @@ class DashboardApp:
             return _json(start_response, 500, {"error": "internal error"}, method, exc_info=sys.exc_info())
 
     def _route(self, method: str, path: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if path == "/metrics":
+            if method != "POST":
+                return _json(start_response, 405, {"error": "use POST"}, method, [("Allow", "POST")])
+            return self._metrics(environ, start_response)
+        if path in ("/status", "/status.json") and method in ("GET", "HEAD"):
+            document = status_document(self.telemetry.store.summary(), time.time())
+            if path == "/status.json":
+                return _json(start_response, 200, document, method, [("Cache-Control", "no-store")])
+            page = render_status(document)
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(page))),
+                                      ("Cache-Control", "no-store")])
+            return [] if method == "HEAD" else [page]
         if not (path in MANIFEST_ROUTES or path == "/healthz" or path.startswith(OTA_PREFIX)):
             return error_response(start_response, 404, "not found", method)
         if method not in ("GET", "HEAD"):
@@ -86,6 +112,24 @@ class DashboardApp:
         if path in MANIFEST_ROUTES:
             return self._manifest(method, environ, start_response)
         return self._file(method, path[len(OTA_PREFIX):], environ, start_response)
+
+    def _metrics(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        telemetry = self.telemetry
+        try:
+            gateway = authenticate(telemetry.tokens, environ.get("HTTP_AUTHORIZATION"))
+            length = environ.get("CONTENT_LENGTH") or ""
+            if not length.isdigit():
+                raise IngestError("Content-Length required", 411)
+            if int(length) > MAX_WIRE_BYTES:
+                raise IngestError(f"body is larger than {MAX_WIRE_BYTES} bytes", 413)
+            body = environ["wsgi.input"].read(int(length))
+            data = decode_body(body, environ.get("HTTP_CONTENT_ENCODING"))
+            buffer_id, backlog, rows = parse_forwarded(data, gateway)
+        except IngestError as exc:
+            extra = [("WWW-Authenticate", "Bearer")] if exc.status == 401 else []
+            return _json(start_response, exc.status, {"error": str(exc)}, "POST", extra)
+        acked = telemetry.store.ingest(gateway, buffer_id, backlog, rows)
+        return _json(start_response, 200, {"acked": acked}, "POST")
 
     def _healthz(self, method: str, start_response: StartResponse) -> Iterable[bytes]:
         current = self.ota.current()

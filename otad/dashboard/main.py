@@ -23,6 +23,7 @@ from otad.dashboard.app import DashboardApp
 from otad.dashboard.ota import OtaFolder
 from otad.dashboard.settings import DEFAULT_CONFIG, DashboardSettings
 from otad.errors import ConfigError, OtadError
+from otad.telemetry.tokens import TokenTable
 
 log = logging.getLogger("otad.dashboard")
 PROG = "otad-dashboard"
@@ -106,11 +107,19 @@ class DashboardDaemon(Daemon):
             log.warning("LISTEN and THREADS changes take effect when %s is restarted", PROG)
             settings = dataclasses.replace(settings, listen=old.listen, threads=old.threads)
         if self.app is not None:
+            self._reload_tokens(settings)
             if settings.ota_dir != old.ota_dir:
                 settings = self._switch_ota_dir(settings, old)
             else:
                 self.app.ota.refresh(force=True)
         self.settings = settings
+
+    def _reload_tokens(self, settings: DashboardSettings) -> None:
+        assert self.app is not None
+        try:
+            self.app.telemetry.tokens = TokenTable.from_file(settings.tokens_file) if settings.tokens_file else None
+        except OtadError as exc:
+            log.error("keeping the previous gateway tokens: %s", exc)
 
     def _switch_ota_dir(self, settings: DashboardSettings, old: DashboardSettings) -> DashboardSettings:
         assert self.app is not None
@@ -129,6 +138,7 @@ class DashboardDaemon(Daemon):
             self.http.close()
         if self.app is not None:
             self.app.ota.close()
+            self.app.telemetry.store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from otad.config import listen_address, path, setting, whole
+from otad.config import listen_address, optional_path, path, setting, whole
 
 DEFAULT_CONFIG = "/etc/otad/dashboard.conf"
 CONFIG_ENV = "OTAD_DASHBOARD_CONFIG"
@@ -16,3 +16,9 @@ class DashboardSettings:
     ota_dir: Path = setting(path, "/srv/otad/ota", "the folder `otad-release publish` writes releases into")
     state_dir: Path = setting(path, "/var/lib/otad/dashboard", "the dashboard's own state (telemetry database)")
     threads: int = setting(whole(1, 256), "8", "HTTP worker threads")
+    db_path: Path | None = setting(optional_path, "", "telemetry database (default: STATE_DIR/telemetry.db)")
+    tokens_file: Path | None = setting(optional_path, "", "'gateway_id token' lines; empty: telemetry ingest disabled")
+
+    @property
+    def telemetry_path(self) -> Path:
+        return self.db_path or self.state_dir / "telemetry.db"

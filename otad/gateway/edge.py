@@ -10,7 +10,10 @@ import logging
 from urllib.parse import urlsplit
 
 from otad import __version__
+from otad.gateway.buffer import TelemetryBuffer
 from otad.gateway.cache import Cache
+from otad.telemetry.records import MAX_BODY_BYTES, RecordError, parse_batch
+from otad.telemetry.tokens import TokenTable, bearer
 from otad.transfer.files import safe_file_name
 from otad.transfer.server import Handler, Server
 
@@ -25,7 +28,15 @@ def content_type(name: str) -> str:
     return "text/plain; charset=utf-8" if name.endswith((".sha256", ".asc")) else "application/octet-stream"
 
 
-def make_edge_server(address: tuple[str, int], cache: Cache) -> Server:
+class Ingest:
+    """What POST /metrics needs: the buffer and the robots' tokens (swapped on SIGHUP)."""
+
+    def __init__(self, buffer: TelemetryBuffer, tokens: TokenTable | None) -> None:
+        self.buffer = buffer
+        self.tokens = tokens
+
+
+def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest) -> Server:
     class EdgeHandler(Handler):
         def do_GET(self) -> None:
             try:
@@ -39,9 +50,54 @@ def make_edge_server(address: tuple[str, int], cache: Cache) -> Server:
         do_HEAD = do_GET
 
         def do_POST(self) -> None:
-            self.send_error_json(405, "method not allowed", [("Allow", "GET, HEAD")])
+            try:
+                if urlsplit(self.path).path != "/metrics":
+                    self.send_error_json(405, "method not allowed", [("Allow", "GET, HEAD")])
+                    return
+                self._ingest()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
+            except Exception as exc:
+                log.error("edge: POST %s failed: %s: %s", self.path[:200], type(exc).__name__, exc)
+                self.close_connection = True
 
-        do_PUT = do_DELETE = do_PATCH = do_POST
+        def do_PUT(self) -> None:
+            self.send_error_json(405, "method not allowed", [("Allow", "GET, HEAD, POST")])
+
+        do_DELETE = do_PATCH = do_PUT
+
+        def _ingest(self) -> None:
+            robot = ingest.tokens.identify(bearer(self.headers.get("Authorization")) or "") if ingest.tokens else None
+            length = self.headers.get("Content-Length")
+            if robot is None:
+                self.close_connection = True  # do not read an unauthenticated body
+                self.send_error_json(401, "missing or wrong bearer token", [("WWW-Authenticate", "Bearer")])
+                return
+            if length is None or not length.isdigit():
+                self.close_connection = True
+                self.send_error_json(411, "Content-Length required")
+                return
+            if int(length) > MAX_BODY_BYTES:
+                self.close_connection = True
+                self.send_error_json(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+                return
+            body = self.rfile.read(int(length))
+            try:
+                records = parse_batch(body)
+            except RecordError as exc:
+                self.send_error_json(exc.status, str(exc))
+                return
+            foreign = next((r["robot_id"] for r in records if r["robot_id"] != robot), None)
+            if foreign is not None:
+                self.send_error_json(403, f"token is for robot {robot}, record is for {foreign}")
+                return
+            try:
+                accepted, duplicates = ingest.buffer.append(records)
+            except Exception as exc:
+                log.error("telemetry: cannot store records from %s: %s", robot, exc)
+                self.send_error_json(503, "telemetry store unavailable, retry later", [("Retry-After", "5")])
+                return
+            self.send_json(200, {"accepted": accepted, "duplicates": duplicates})
 
         def _route(self) -> None:
             path = urlsplit(self.path).path

@@ -8,10 +8,15 @@ import time
 from pathlib import Path
 
 from otad.daemon import Daemon, Heartbeat, daemon_main
+from otad.errors import ConfigError
+from otad.gateway.buffer import TelemetryBuffer
 from otad.gateway.cache import Cache
-from otad.gateway.edge import make_edge_server
+from otad.gateway.edge import Ingest, make_edge_server
+from otad.gateway.forwarder import Forwarder
 from otad.gateway.settings import DEFAULT_CONFIG, GatewaySettings
 from otad.gateway.sync import Syncer
+from otad.telemetry.tokens import TokenTable, check_private, read_own_token
+from otad.transfer.client import TransferLimits
 from otad.trust.verify import TrustAnchors
 
 log = logging.getLogger("otad.gateway")
@@ -26,16 +31,47 @@ class Gateway(Daemon):
         # A download makes progress at least every READ_TIMEOUT; a poll ends within
         # the connect + read timeouts. Silence far beyond that means a hung worker.
         self.sync_beat = Heartbeat("sync", max_silence=4 * (settings.connect_timeout + settings.read_timeout) + 60)
-        self.heartbeats.append(self.sync_beat)
+        self.forward_beat = Heartbeat("forwarder", max_silence=settings.backoff_max + 2 * (settings.connect_timeout + settings.read_timeout) + 60)
+        self.heartbeats += [self.sync_beat, self.forward_beat]
 
     def start(self) -> None:
         self.cache.load()
-        self.server = make_edge_server(self.settings.listen, self.cache)
+        self.buffer = TelemetryBuffer(self.settings.telemetry_path, self.settings.telemetry_max_mb * 2**20)
+        self.buffer.start()
+        self.ingest = Ingest(self.buffer, None)
+        self.forwarder = Forwarder(self.buffer, self.forward_beat)
+        self._load_tokens(self.settings)
+        self.server = make_edge_server(self.settings.listen, self.cache, self.ingest)
         log.info("listening on %s", self.server.url)
         self.syncer = Syncer(self.settings, self.cache, self.sync_beat)
         self.server_thread = self.server.start_thread("edge")
         self.sync_thread = threading.Thread(target=self.syncer.run, name="sync", daemon=True)
         self.sync_thread.start()
+        self.forward_thread = threading.Thread(target=self.forwarder.run, name="forwarder", daemon=True)
+        self.forward_thread.start()
+
+    def _load_tokens(self, settings: GatewaySettings) -> None:
+        """Token files are (re)read at start and on SIGHUP; a bad file keeps the old tokens."""
+        try:
+            robots = TokenTable.from_file(settings.robot_tokens_file) if settings.robot_tokens_file else None
+            own = read_own_token(settings.token_file) if settings.token_file else None
+        except ConfigError as exc:
+            if getattr(self, "ingest", None) is not None and self.ingest.tokens is not None:
+                log.error("keeping the previous tokens: %s", exc)
+                return
+            raise
+        for path in (settings.robot_tokens_file, settings.token_file):
+            warning = check_private(path) if path else None
+            if warning:
+                log.warning("%s", warning)
+        if robots is None:
+            log.warning("telemetry ingest disabled: ROBOT_TOKENS_FILE is not set")
+        if own is None:
+            log.warning("telemetry forwarding disabled: TOKEN_FILE is not set (records stay buffered)")
+        self.ingest.tokens = robots
+        limits = TransferLimits(settings.connect_timeout, settings.read_timeout)
+        self.forwarder.configure(settings.dashboard_url, settings.gateway_id, own, settings.forward_batch,
+                                 settings.backoff_max, limits)
 
     def tick(self) -> float:
         if not self.server_thread.is_alive():
@@ -49,12 +85,16 @@ class Gateway(Daemon):
             log.warning("CACHE_DIR/STATE_DIR changed; it takes effect at the next restart")
         self.settings = settings
         self.syncer.apply(settings)
+        self._load_tokens(settings)
 
     def shutdown(self) -> None:
         self.syncer.stop()
+        self.forwarder.stop()
         self.server.shutdown()
         self.server.server_close()
         self.sync_thread.join(timeout=10)
+        self.forward_thread.join(timeout=10)
+        self.buffer.close()
 
     def status(self) -> str:
         snapshot = self.cache.snapshot
@@ -65,6 +105,12 @@ class Gateway(Daemon):
             parts.append(f"downloading {state.downloading} ({percent}%)")
         if state and state.wan_down_since is not None:
             parts.append("dashboard unreachable since " + time.strftime("%H:%M", time.localtime(state.wan_down_since)))
+        forwarder = getattr(self, "forwarder", None)
+        if forwarder is not None:
+            text = f"telemetry: {self.buffer.backlog():,} pending"
+            if forwarder.down_since is not None:
+                text += ", WAN down since " + time.strftime("%H:%M", time.localtime(forwarder.down_since))
+            parts.append(text)
         return "; ".join(parts)
 
 

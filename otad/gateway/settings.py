@@ -31,10 +31,19 @@ class GatewaySettings:
     backoff_max: int = setting(seconds, "300", "cap of the retry delay after network errors")
     connect_timeout: int = setting(seconds, "10")
     read_timeout: int = setting(seconds, "30", "a transfer with no progress for this long is cut")
+    telemetry_db: Path | None = setting(optional_path, "", "default: STATE_DIR/telemetry.db")
+    telemetry_max_mb: int = setting(whole(1), "256", "buffer bound; oldest metrics dropped beyond it")
+    forward_batch: int = setting(whole(1, 1000), "500")
+    token_file: Path | None = setting(optional_path, "", "this gateway's token for the dashboard")
+    robot_tokens_file: Path | None = setting(optional_path, "", "'robot_id token' lines")
 
     @property
     def cache_path(self) -> Path:
         return self.cache_dir or self.state_dir / "cache"
+
+    @property
+    def telemetry_path(self) -> Path:
+        return self.telemetry_db or self.state_dir / "telemetry.db"
 
     @property
     def cache_max_bytes(self) -> int:

@@ -89,6 +89,23 @@ class HttpClient:
                 raise _transport_error(url, exc) from None
             return Fetched(200, bytes(body), response.headers.get("ETag"))
 
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, object]:
+        """POST a body; return (status, parsed JSON reply or None). Network trouble: TransportError."""
+        url = self.url(path)
+        try:
+            response = self.session.post(
+                url, data=body, headers=headers, allow_redirects=False,
+                timeout=(self.limits.connect_timeout, self.limits.read_timeout),
+            )
+        except requests.RequestException as exc:
+            raise _transport_error(url, exc) from None
+        with response:
+            try:
+                reply = response.json() if response.content else None
+            except ValueError:
+                reply = None
+            return response.status_code, reply
+
     def download(
         self,
         path: str,

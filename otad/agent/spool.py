@@ -1,0 +1,280 @@
+"""The agent's bounded durable spool: SQLite (WAL, synchronous=FULL), rows sent in id order.
+
+- `seq` is per (robot, boot): a counter row updated in the same transaction as
+  the insert, so a `kill -9` can neither reuse nor skip a number; a new boot
+  starts again at 1 (the gateway keys records by robot, boot and seq).
+- Outbox events are drained idempotently: an event's stored record and a key
+  (a hash of the event file's content) commit together, then the file is
+  removed. A crash in between finds the key and only removes the file. The
+  content is the key, not the outbox seq, because Outbox.add reuses seq 1
+  once the outbox is empty.
+- Bound: past `max_bytes` of pages in use, the oldest metric rows are dropped
+  (never events) down to 90% of the bound; the dashboard sees the loss as a
+  hole in `seq`, and the agent logs how many it dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from otad.agent.collect import rfc3339
+from otad.errors import OtadError
+from otad.fsutil import fsync_dir
+from otad.robot.outbox import Outbox
+from otad.telemetry.records import RecordError, encode, validate_record
+
+log = logging.getLogger("otad.agent")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (robot_id TEXT NOT NULL, boot_id TEXT NOT NULL,
+    last_seq INTEGER NOT NULL, PRIMARY KEY (robot_id, boot_id));
+CREATE TABLE IF NOT EXISTS drained (key TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+TRIM_TO = 0.9  # trimming to below the bound, not just to it, keeps drop log lines rare
+
+
+def checked(record: dict, what: str) -> dict | None:
+    """The record as validate_record cleans it, or None (logged) if it cannot be sent.
+
+    A version the gateway would refuse (a rejected manifest may carry anything)
+    is blanked rather than losing the whole record.
+    """
+    try:
+        return validate_record({**record, "seq": 1}, what)
+    except RecordError as exc:
+        if "'version'" not in str(exc) or not record.get("version"):
+            log.error("%s dropped, the gateway would refuse it: %s", what, exc)
+            return None
+    log.warning("%s: version %r is not sendable; sending it with an empty version", what, str(record.get("version"))[:70])
+    return checked({**record, "version": ""}, what)
+
+
+def event_record(event: dict, robot_id: str, boot_id: str) -> dict:
+    stamp = event.get("ts")
+    return {
+        "robot_id": robot_id,
+        "boot_id": boot_id,
+        "ts": rfc3339(stamp if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else time.time()),
+        "type": "event",
+        "event": event.get("event"),
+        "version": event.get("version") or "",
+        "detail": event.get("detail") or "",
+    }
+
+
+class Spool:
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open(fresh=not path.exists())
+        except sqlite3.DatabaseError as exc:
+            self._db = self._recreate(str(exc))
+        self.pending = self._db.execute("SELECT count(*) FROM records").fetchone()[0]
+        self.dropped = 0
+        self._over_with_events = False
+
+    # -- opening ----------------------------------------------------------------
+    def _open(self, fresh: bool, seq_floor: int = 0) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            # auto_vacuum only takes effect before the first table exists: freed pages
+            # must go back to the filesystem, or the file would never shrink below its peak.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise OtadError(f"{self.path}: cannot switch the spool to WAL mode")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            if not fresh:
+                problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError("; ".join(problems[:3]))
+            if seq_floor:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('seq_floor', ?)", (seq_floor,))
+            self._limit_wal(db, self.max_bytes)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _recreate(self, reason: str) -> sqlite3.Connection:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            except FileNotFoundError:
+                pass
+        log.error("spool %s is damaged (%s): moved it to %s and started an empty one", self.path, reason, aside)
+        # The lost counter may have handed out seq numbers in this boot already; numbers
+        # from the clock (ms) are far above any count since boot, so none is reused.
+        try:
+            return self._open(fresh=True, seq_floor=int(time.time() * 1000))
+        except sqlite3.DatabaseError as exc:
+            raise OtadError(f"{self.path}: cannot create the spool: {exc}") from None
+
+    def set_bound(self, max_bytes: int) -> None:
+        with self._lock:
+            self._limit_wal(self._db, max_bytes)
+            self.max_bytes = max_bytes
+
+    @staticmethod
+    def _limit_wal(db: sqlite3.Connection, max_bytes: int) -> None:
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+        # The WAL is disk too: checkpoint (and truncate it) at 5% of the bound.
+        wal_pages = max(16, max_bytes // page // 20)
+        db.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+        db.execute(f"PRAGMA journal_size_limit={wal_pages * page}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writing ----------------------------------------------------------------
+    def _next_seq(self, robot_id: str, boot_id: str) -> int:
+        row = self._db.execute(
+            "SELECT last_seq FROM counters WHERE robot_id = ? AND boot_id = ?", (robot_id, boot_id)
+        ).fetchone()
+        if row is None:
+            # A new boot: the old boots' counters are never needed again.
+            self._db.execute("DELETE FROM counters WHERE robot_id = ?", (robot_id,))
+            floor = self._db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
+            seq = (floor[0] if floor else 0) + 1
+            self._db.execute("INSERT INTO counters VALUES (?, ?, ?)", (robot_id, boot_id, seq))
+        else:
+            seq = row[0] + 1
+            self._db.execute(
+                "UPDATE counters SET last_seq = ? WHERE robot_id = ? AND boot_id = ?", (seq, robot_id, boot_id)
+            )
+        return seq
+
+    def _insert(self, record: dict) -> int:
+        seq = self._next_seq(record["robot_id"], record["boot_id"])
+        self._db.execute("INSERT INTO records (kind, body) VALUES (?, ?)", (record["type"], encode({**record, "seq": seq})))
+        return seq
+
+    def add(self, record: dict) -> int | None:
+        """Store a record (without seq); return the seq it got, or None if it was invalid."""
+        clean = checked(record, f"{record.get('type', 'record')} sample")
+        if clean is None:
+            return None
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._insert(clean)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.pending += 1
+            self._enforce_bound()
+        return seq
+
+    def drain_outbox(self, outbox: Outbox, robot_id: str, boot_id: str) -> int:
+        """Move every outbox file into the spool exactly once; return how many records were added."""
+        events = outbox.pending()
+        if not events:
+            return 0
+        keys = [hashlib.sha256(json.dumps(e, sort_keys=True).encode()).hexdigest() for e in events]
+        added = 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for event, key in zip(events, keys):
+                    if self._db.execute("SELECT 1 FROM drained WHERE key = ?", (key,)).fetchone():
+                        continue  # stored before a crash that came ahead of the file's removal
+                    self._db.execute("INSERT INTO drained VALUES (?)", (key,))
+                    record = checked(event_record(event, robot_id, boot_id), f"outbox event {event.get('seq')}")
+                    if record is not None:
+                        self._insert(record)
+                        added += 1
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.pending += added
+        removed = []
+        for event, key in zip(events, keys):
+            try:
+                outbox.remove(int(event["seq"]))
+                removed.append(key)
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                log.error("cannot remove outbox event %s (%s); it will not be sent twice", event.get("seq"), exc)
+        # Forget a key only once its file's removal is durable: a file that came back
+        # after a power cut would otherwise be sent again.
+        fsync_dir(outbox.dir)
+        with self._lock:
+            self._db.executemany("DELETE FROM drained WHERE key = ?", [(k,) for k in removed])
+            self._enforce_bound()
+        return added
+
+    # -- sending ----------------------------------------------------------------
+    def batch(self, limit: int, max_body: int) -> list[tuple[int, str]]:
+        """The oldest rows, at most `limit`, whose `{"records": [...]}` body fits in `max_body`."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, body FROM records ORDER BY id LIMIT ?", (limit,)).fetchall()
+        taken, size = [], len('{"records":[]}')
+        for row_id, body in rows:
+            size += len(body.encode()) + 1
+            if taken and size > max_body:
+                break
+            taken.append((row_id, body))
+        return taken
+
+    def delete(self, ids: list[int]) -> None:
+        """Forget rows the gateway has acknowledged (or that it can never accept)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in ids]).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.pending -= gone
+            self._db.execute("PRAGMA incremental_vacuum")
+
+    # -- the bound --------------------------------------------------------------
+    def used_bytes(self) -> int:
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0] - self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * self._db.execute("PRAGMA page_size").fetchone()[0]
+
+    def _enforce_bound(self) -> None:
+        used = self.used_bytes()
+        if used <= self.max_bytes:
+            self._over_with_events = False
+            return
+        target, dropped = int(self.max_bytes * TRIM_TO), 0
+        while used > target:
+            metrics = self._db.execute("SELECT count(*) FROM records WHERE kind = 'metric'").fetchone()[0]
+            if metrics == 0:
+                if not self._over_with_events:
+                    log.warning("spool holds %d bytes, over its bound, in events alone; events are never dropped", used)
+                self._over_with_events = True
+                break
+            per_row = used / max(1, self.pending)
+            count = min(metrics, max(1, math.ceil((used - target) / per_row)))
+            self._db.execute(
+                "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE kind = 'metric' ORDER BY id LIMIT ?)",
+                (count,),
+            )
+            self._db.execute("PRAGMA incremental_vacuum")
+            self.pending -= count
+            dropped += count
+            used = self.used_bytes()
+        if dropped:
+            self.dropped += dropped
+            log.warning(
+                "spool reached its bound of %d bytes: dropped the %d oldest metrics (%d records waiting)",
+                self.max_bytes, dropped, self.pending,
+            )

@@ -1,0 +1,227 @@
+"""The gateway's telemetry buffer: SQLite as a durable queue (WAL, synchronous=FULL).
+
+All writes go through one writer thread that commits whatever requests are
+waiting in one transaction (group commit): concurrent POSTs share an fsync,
+and each request's 2xx is sent only after the commit that holds its records.
+`(robot_id, boot_id, seq)` is unique, so a retried record is acknowledged
+without being stored twice; because a robot sends its records in `seq` order,
+the highest seq stored per (robot, boot) also catches a retry that arrives
+after the original was already forwarded and deleted. Ids use AUTOINCREMENT: never reused, so the
+dashboard can key its idempotency on (gateway, id).
+
+The buffer is bounded: when the database's used pages exceed the budget, the
+oldest *metric* rows are dropped (never events) and a gap row records how
+many and which ids, so every loss is visible on the dashboard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from otad.telemetry.records import encode
+
+log = logging.getLogger("otad.gateway")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    robot_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    received REAL NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (robot_id, boot_id, seq)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS high_water (
+    robot_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (robot_id, boot_id)
+);
+"""
+DROP_CHUNK = 500
+
+
+@dataclass
+class _Job:
+    records: list[dict] | None = None
+    ack_up_to: int | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    accepted: int = 0
+    duplicates: int = 0
+    error: BaseException | None = None
+
+
+def wal_allowance(max_bytes: int) -> int:
+    """Bytes the WAL may take: a few percent of the budget, so the files stay near it."""
+    return max(32 * 1024, max_bytes // 20)
+
+
+def connect(path: Path, max_bytes: int = 64 * 2**20) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    wal_bytes = wal_allowance(max_bytes)
+    conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
+    conn.execute(f"PRAGMA wal_autocheckpoint={max(8, wal_bytes // 4096)}")
+    return conn
+
+
+class TelemetryBuffer:
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # The database file never shrinks (freed pages are reused), so bound what it holds
+        # such that file + WAL stay within max_bytes.
+        self.max_bytes = int(max_bytes * 0.95) - 2 * wal_allowance(max_bytes) - 32 * 1024  # -shm index
+        self._wal_limit = wal_allowance(max_bytes)
+        self._wal_path = path.with_name(path.name + "-wal")
+        self._db = connect(path, max_bytes)
+        self._db.executescript(SCHEMA)
+        self._reader = connect(path, max_bytes)
+        # Kept by the writer thread; read by STATUS= and the forwarder without a query.
+        self.count = self._db.execute("SELECT count(*) FROM records").fetchone()[0]
+        # A random id per database: the dashboard keys idempotency on (gateway, buffer, row id),
+        # so a gateway whose buffer was wiped (ids restarting at 1) is not mistaken for a replay.
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('buffer_id', lower(hex(randomblob(8))))")
+        self.buffer_id = self._db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()[0]
+        self._jobs: list[_Job] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self.new_records = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(10)
+        self._db.close()
+        self._reader.close()
+
+    # -- API used by request threads and the forwarder ---------------------------------
+    def append(self, records: list[dict], timeout: float = 30) -> tuple[int, int]:
+        """Store records durably; return (accepted, duplicates) once committed."""
+        return self._submit(_Job(records=records), timeout)
+
+    def acknowledge(self, up_to: int, timeout: float = 30) -> None:
+        """The dashboard holds every row with id <= up_to: delete them."""
+        self._submit(_Job(ack_up_to=up_to), timeout)
+
+    def _submit(self, job: _Job, timeout: float) -> tuple[int, int]:
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("telemetry buffer is closed")
+            self._jobs.append(job)
+            self._cond.notify()
+        if not job.done.wait(timeout):
+            raise TimeoutError("telemetry commit took too long")
+        if job.error is not None:
+            raise job.error
+        return job.accepted, job.duplicates
+
+    def pending(self, limit: int) -> list[tuple[int, float, str]]:
+        """The oldest rows, in id order: (id, received, body)."""
+        return self._reader.execute("SELECT id, received, body FROM records ORDER BY id LIMIT ?", (limit,)).fetchall()
+
+    def backlog(self) -> int:
+        return self.count
+
+    # -- writer thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stop:
+                    self._cond.wait()
+                if not self._jobs and self._stop:
+                    return
+                jobs, self._jobs = self._jobs, []
+            try:
+                self._commit(jobs)
+            except BaseException as exc:  # the requests learn of it; the writer goes on
+                log.error("telemetry commit failed: %s: %s", type(exc).__name__, exc)
+                for job in jobs:
+                    job.error = exc
+            for job in jobs:
+                job.done.set()
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        db = self._db
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        delta = 0
+        try:
+            inserted = False
+            for job in jobs:
+                for record in job.records or ():
+                    key = (record["robot_id"], record["boot_id"])
+                    row = db.execute("SELECT seq FROM high_water WHERE robot_id = ? AND boot_id = ?", key).fetchone()
+                    if row is not None and record["seq"] <= row[0]:
+                        job.duplicates += 1
+                        continue
+                    db.execute(
+                        "INSERT INTO records (robot_id, boot_id, seq, kind, received, body) VALUES (?,?,?,?,?,?)",
+                        (*key, record["seq"], record["type"], now, encode(record)),
+                    )
+                    db.execute("INSERT OR REPLACE INTO high_water (robot_id, boot_id, seq) VALUES (?,?,?)", (*key, record["seq"]))
+                    job.accepted += 1
+                    delta += 1
+                    inserted = True
+                if job.ack_up_to is not None:
+                    delta -= db.execute("DELETE FROM records WHERE id <= ?", (job.ack_up_to,)).rowcount
+            if inserted:
+                delta += self._enforce_bound(db, now)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.count += delta
+        if inserted:
+            self.new_records.set()
+        self._truncate_wal()
+
+    def _truncate_wal(self) -> None:
+        """Automatic checkpoints never shrink the WAL file; over its allowance, truncate it."""
+        try:
+            if self._wal_path.stat().st_size > self._wal_limit:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("wal checkpoint skipped: %s", exc)
+
+    def used_bytes(self, db: sqlite3.Connection | None = None) -> int:
+        db = db or self._reader
+        pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages * db.execute("PRAGMA page_size").fetchone()[0]
+
+    def _enforce_bound(self, db: sqlite3.Connection, now: float) -> int:
+        """Drop the oldest metrics until the buffer fits; return the change in row count."""
+        delta = 0
+        while self.used_bytes(db) > self.max_bytes:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM records WHERE kind = 'metric' ORDER BY id LIMIT ?", (DROP_CHUNK,))]
+            if not ids:
+                log.error("telemetry buffer over its bound with events only; keeping them")
+                return delta
+            db.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(ids))})", ids)
+            gap = {"type": "gap", "dropped": len(ids), "first_id": ids[0], "last_id": ids[-1], "ts": _rfc3339(now)}
+            db.execute(
+                "INSERT INTO records (robot_id, boot_id, seq, kind, received, body) VALUES ('', 'gap', ?, 'gap', ?, ?)",
+                (ids[0], now, json.dumps(gap, sort_keys=True)),
+            )
+            delta += 1 - len(ids)
+            log.warning("telemetry buffer full: dropped %d metric records (ids %d-%d)", len(ids), ids[0], ids[-1])
+        return delta
+
+
+def _rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -1,0 +1,394 @@
+"""The telemetry agent as a real `telemetry-agent` process against a fake gateway.
+
+`FakeGateway` stands in for the real gateway: it implements exactly the
+POST /metrics contract (bearer token, one record or {"records": [...]},
+200 {"accepted", "duplicates"} after storing, dedup by (robot_id, boot_id,
+seq), 400/413 from the shared validator, 401, 403) and records what it
+receives; it can be told to refuse (close the socket), answer 500, or stall
+(store, then never answer). The end-to-end tests through the real gateway and
+dashboard are in test_telemetry.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error
+from faultproxy import NotifySocket
+from harness import Daemon, run_command, wait_until, write_config
+from otad.agent.spool import Spool
+from otad.robot.outbox import Outbox
+from otad.telemetry.records import RecordError, parse_batch, validate_record
+from otad.telemetry.tokens import bearer
+
+TOKEN = "agent-token-0123456789abcdef"
+ROBOT = "r1"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+class FakeGateway:
+    """The gateway's POST /metrics contract, in memory; `mode` is ok | refuse | error500 | stall."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.delay = 0.0  # seconds before storing, to widen the windows a kill -9 can hit
+        self.reject_seqs: set[int] = set()  # answered 400, as if the validator disliked them
+        self.stored: dict[tuple, dict] = {}
+        self.arrivals: list[dict] = []  # stored records in the order they were stored
+        self.duplicates = 0
+        self.answers: Counter = Counter()  # outcome -> count
+        self.lock = threading.Lock()
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                gateway.handle(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _answer(self, req: BaseHTTPRequestHandler, status: int, doc: dict, outcome: str) -> None:
+        body = json.dumps(doc).encode()
+        req.send_response(status)
+        req.send_header("Content-Type", "application/json")
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+        with self.lock:
+            self.answers[outcome] += 1
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        mode = self.mode
+        if mode == "refuse":
+            with self.lock:
+                self.answers["refused"] += 1
+            req.close_connection = True
+            return  # the socket closes with no answer
+        body = req.rfile.read(int(req.headers.get("Content-Length", 0)))
+        if mode == "error500":
+            return self._answer(req, 500, {"error": "database is locked"}, "500")
+        if req.path != "/metrics":
+            return self._answer(req, 404, {"error": "not found"}, "404")
+        if bearer(req.headers.get("Authorization")) != TOKEN:
+            return self._answer(req, 401, {"error": "missing or wrong token"}, "401")
+        try:
+            records = parse_batch(body)
+        except RecordError as exc:
+            return self._answer(req, exc.status, {"error": str(exc)}, str(exc.status))
+        if any(r["robot_id"] != ROBOT for r in records):
+            return self._answer(req, 403, {"error": "robot_id is not the token's robot"}, "403")
+        bad = [i for i, r in enumerate(records) if r["seq"] in self.reject_seqs]
+        if bad:
+            return self._answer(req, 400, {"error": f"record {bad[0]}: field 'cpu' is invalid"}, "400")
+        time.sleep(self.delay)
+        accepted = duplicates = 0
+        with self.lock:
+            for record in records:
+                key = (record["robot_id"], record["boot_id"], record["seq"])
+                if key in self.stored:
+                    duplicates += 1
+                else:
+                    self.stored[key] = record
+                    self.arrivals.append(record)
+                    accepted += 1
+            self.duplicates += duplicates
+        if mode == "stall":  # stored, but the 200 never comes: the agent must retry, we must dedup
+            with self.lock:
+                self.answers["stalled"] += 1
+            time.sleep(3)
+            req.close_connection = True
+            return
+        self._answer(req, 200, {"accepted": accepted, "duplicates": duplicates}, "200")
+
+    # -- views for the tests -------------------------------------------------------
+    def records(self, kind: str | None = None) -> list[dict]:
+        with self.lock:
+            return [r for r in self.arrivals if kind is None or r["type"] == kind]
+
+    def seqs(self) -> list[int]:
+        return [r["seq"] for r in self.records()]
+
+
+@pytest.fixture
+def gateway():
+    fake = FakeGateway()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def agents():
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill9()
+
+
+def make_agent(tmp_path: Path, gateway: FakeGateway, agents: list, env: dict | None = None, **overrides) -> Daemon:
+    token_file = tmp_path / "agent.token"
+    if not token_file.exists():
+        token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
+    values = {
+        "GATEWAY_URL": gateway.url,
+        "ROBOT_ID": ROBOT,
+        "INTERVAL": 1,
+        "APP_DIR": tmp_path / "app",
+        "TOKEN_FILE": token_file,
+        "STATE_DIR": tmp_path / "agent-state",
+        "ROBOT_STATE_DIR": tmp_path / "robot-state",
+        "BACKOFF_MAX": 1,
+        "CONNECT_TIMEOUT": 1,
+        "READ_TIMEOUT": 1,
+        **overrides,
+    }
+    config = write_config(tmp_path / "telemetry-agent.conf", values)
+    daemon = Daemon("telemetry-agent", config, tmp_path / "agent.log", env=env)
+    agents.append(daemon)
+    return daemon
+
+
+def start(daemon: Daemon) -> Daemon:
+    daemon.start(wait_listening=False)
+    daemon.wait_for_log(r"telemetry-agent \S+ ready")
+    return daemon
+
+
+def spool_records(path: Path) -> list[dict]:
+    """What waits in the agent's spool, read beside the running agent (WAL allows it)."""
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return [json.loads(body) for (body,) in db.execute("SELECT body FROM records ORDER BY id")]
+    except sqlite3.OperationalError:
+        return []  # the schema is not there yet
+    finally:
+        db.close()
+
+
+def spool_check(path: Path) -> tuple[str, int]:
+    """(PRAGMA integrity_check, last seq handed out) of a spool no agent is using."""
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        result = db.execute("PRAGMA integrity_check").fetchone()[0]
+        last = db.execute("SELECT max(last_seq) FROM counters").fetchone()[0] or 0
+        return result, last
+    finally:
+        db.close()
+
+
+def make_current(app: Path, version: str) -> None:
+    (app / "releases" / version).mkdir(parents=True, exist_ok=True)
+    link = app / "CURRENT.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(f"releases/{version}")
+    link.replace(app / "CURRENT")
+
+
+def test_metrics_carry_every_field_and_readiness_follows_the_spool(tmp_path, gateway, agents):
+    make_current(tmp_path / "app", "1.2.3")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        agent = start(make_agent(tmp_path, gateway, agents, env={"NOTIFY_SOCKET": notify.path}, HEALTH_CMD="exit 1"))
+        assert any("READY=1" in m for m in notify.drain())
+        assert (tmp_path / "agent-state" / "spool.db").exists()
+        wait_until(lambda: len(gateway.records("metric")) >= 3, 15, "three metrics at the gateway")
+        make_current(tmp_path / "app", "1.2.4")
+        wait_until(lambda: gateway.records("metric")[-1]["version"] == "1.2.4", 15, "a metric naming the new CURRENT")
+        wait_until(lambda: any("STATUS=sent" in m and "0 waiting" in m for m in notify.drain()), 10, "STATUS=")
+        assert agent.stop() == 0
+    finally:
+        notify.close()
+    metrics = gateway.records("metric")
+    for record in metrics:
+        assert validate_record(record) == record
+        assert (record["robot_id"], record["boot_id"], record["health"]) == (ROBOT, BOOT_ID, "degraded")
+        assert 0 <= record["cpu"] <= 100 and 0 < record["mem"] < 100
+    assert metrics[0]["version"] == "1.2.3"
+    assert gateway.seqs() == list(range(1, len(metrics) + 1))
+    assert [r["ts"] for r in metrics] == sorted(r["ts"] for r in metrics)
+
+
+def test_outage_refused_500_and_stall_then_everything_arrives_once_in_order(tmp_path, gateway, agents):
+    spool = tmp_path / "agent-state" / "spool.db"
+    gateway.mode = "refuse"
+    agent = start(make_agent(tmp_path, gateway, agents))
+    wait_until(lambda: len(spool_records(spool)) >= 3 and gateway.answers["refused"] >= 2, 15, "records spooled while refused")
+    gateway.mode = "error500"
+    wait_until(lambda: gateway.answers["500"] >= 2, 15, "500s retried")
+    gateway.mode = "stall"
+    wait_until(lambda: gateway.answers["stalled"] >= 2, 15, "a stalled gateway retried")
+    assert gateway.answers["200"] == 0
+    gateway.mode = "ok"
+    wait_until(lambda: gateway.answers["200"] >= 1 and not spool_records(spool), 15, "the backlog to drain")
+    seqs = gateway.seqs()
+    assert len(seqs) >= 5
+    assert seqs == list(range(1, len(seqs) + 1))  # none missing, none stored twice, in seq order
+    assert gateway.duplicates >= 1  # the stalled batch was sent again and acknowledged as a duplicate
+    log = agent.new_log()
+    # One line per change of problem, however many retries each phase saw.
+    for problem in ("unreachable (ConnectionError)", "gateway answers HTTP 500", "unreachable (ReadTimeout)"):
+        assert log.count(problem) == 1, log
+    assert log.count("gateway accepts records again") == 1, log
+
+
+def test_outbox_events_are_delivered_exactly_once_and_the_files_removed(tmp_path, gateway, agents):
+    outbox = Outbox(tmp_path / "robot-state")
+    outbox.add("installed", "1.2.3")
+    outbox.add("rolled_back", "1.2.4", "selftest: exit 1")
+    outbox.add("rejected", None, "bad signature")
+    start(make_agent(tmp_path, gateway, agents))
+    wait_until(lambda: len(gateway.records("event")) == 3, 15, "three events")
+    assert not list(outbox.dir.glob("*.json"))
+    # The outbox is empty, so Outbox.add starts again at seq 1: still new events.
+    outbox.add("installed", "1.2.5")
+    outbox.add("blacklisted", "1.2.4", "3 failed attempts")
+    wait_until(lambda: len(gateway.records("event")) == 5, 15, "two more events")
+    wait_until(lambda: not list(outbox.dir.glob("*.json")), 10, "the outbox files removed")
+    events = [(r["event"], r["version"], r["detail"]) for r in gateway.records("event")]
+    assert events == [
+        ("installed", "1.2.3", ""), ("rolled_back", "1.2.4", "selftest: exit 1"), ("rejected", "", "bad signature"),
+        ("installed", "1.2.5", ""), ("blacklisted", "1.2.4", "3 failed attempts"),
+    ]
+    for record in gateway.records():
+        assert validate_record(record) == record and record["boot_id"] == BOOT_ID
+    assert gateway.seqs() == list(range(1, len(gateway.seqs()) + 1))  # one counter for metrics and events
+
+
+def test_outbox_drain_interrupted_before_the_file_removal_does_not_duplicate(tmp_path, monkeypatch):
+    outbox = Outbox(tmp_path / "robot-state")
+    outbox.add("installed", "1.0.0")
+    outbox.add("rolled_back", "1.0.1", "boom")
+
+    class Crash(Exception):
+        pass
+
+    def crash(seq: int) -> None:
+        raise Crash  # the process dies after the spool committed, before any file went
+
+    spool = Spool(tmp_path / "spool.db", 1 << 20)
+    monkeypatch.setattr(outbox, "remove", crash)
+    with pytest.raises(Crash):
+        spool.drain_outbox(outbox, ROBOT, BOOT_ID)
+    spool.close()
+    monkeypatch.undo()
+    spool = Spool(tmp_path / "spool.db", 1 << 20)
+    assert spool.drain_outbox(outbox, ROBOT, BOOT_ID) == 0
+    assert outbox.pending() == []
+    rows = spool.batch(100, 1 << 20)
+    assert [json.loads(body)["event"] for _, body in rows] == ["installed", "rolled_back"]
+    spool.close()
+
+
+def test_kill9_in_a_loop_loses_and_duplicates_nothing(tmp_path, gateway, agents):
+    rng = random.Random(5)
+    spool = tmp_path / "agent-state" / "spool.db"
+    outbox = Outbox(tmp_path / "robot-state")
+    details = [f"event {i}" for i in range(150)]
+    for detail in details[:120]:
+        outbox.add("installed", "1.0.0", detail)
+    gateway.delay = 0.01
+    agent = make_agent(tmp_path, gateway, agents, BATCH=7)
+    cycles = 25
+    for cycle in range(cycles):
+        agent.start(wait_listening=False)
+        time.sleep(rng.uniform(0.05, 1.2))  # the random moment of the kill
+        agent.kill9()
+        if spool.exists():
+            assert spool_check(spool)[0] == "ok", f"cycle {cycle}"
+        if cycle % 5 == 0:
+            for detail in details[120 + cycle // 5 * 6:][:6]:
+                outbox.add("installed", "1.0.0", detail)
+    start(agent)
+    wait_until(lambda: not spool_records(spool) and not outbox.pending(), 30, "spool and outbox to drain")
+    assert agent.stop() == 0
+    integrity, last = spool_check(spool)
+    assert integrity == "ok"
+    seqs = gateway.seqs()
+    assert sorted(seqs) == list(range(1, last + 1)), "every seq the agent assigned, exactly once"
+    assert Counter(r["detail"] for r in gateway.records("event")) == Counter(details)
+    assert gateway.answers["200"] >= cycles
+    print(f"{cycles} kills, {len(seqs)} records, {gateway.duplicates} retried duplicates acknowledged")
+
+
+def test_spool_bound_drops_oldest_metrics_never_events(tmp_path, caplog):
+    # Driven directly with a 256 KiB bound: through the process, SPOOL_MAX_MB=1 at
+    # INTERVAL=1 would take over an hour of samples to fill.
+    bound = 256 * 1024
+    path = tmp_path / "spool.db"
+    spool = Spool(path, bound)
+    outbox = Outbox(tmp_path / "robot-state")
+    metric = {"robot_id": ROBOT, "boot_id": BOOT_ID, "ts": "2026-05-09T10:00:00.000Z", "type": "metric",
+              "cpu": 12.5, "mem": 40.0, "version": "1.2.3", "health": "ok"}
+    largest = 0
+    with caplog.at_level(logging.WARNING, logger="otad.agent"):
+        for i in range(2500):
+            spool.add(metric)
+            if i % 100 == 0:
+                outbox.add("rolled_back", "1.2.3", f"event {i // 100} " + "x" * 400)
+                spool.drain_outbox(outbox, ROBOT, BOOT_ID)
+            if i % 50 == 0:
+                largest = max(largest, sum(p.stat().st_size for p in tmp_path.glob("spool.db*")))
+    rows = [json.loads(body) for _, body in spool.batch(1000, 1 << 30)]
+    spool.close()
+    disk = sum(p.stat().st_size for p in tmp_path.glob("spool.db*"))
+    assert max(largest, disk) <= bound * 1.1, (largest, disk)
+    assert spool.dropped > 0
+    assert [r["detail"].split(" x")[0] for r in rows if r["type"] == "event"] == [f"event {i}" for i in range(25)]
+    seqs = [r["seq"] for r in rows]
+    assert seqs == sorted(set(seqs)) and seqs[-1] == 2525
+    drops = [r.message for r in caplog.records if "dropped the" in r.message]
+    assert drops and len(drops) < 25, drops  # trimmed in chunks, not a line per record
+
+
+def test_401_is_logged_once_then_a_fixed_token_file_is_picked_up(tmp_path, gateway, agents):
+    token_file = tmp_path / "agent.token"
+    token_file.write_text("wrong-token-0123456789abcdef\n")
+    token_file.chmod(0o600)
+    agent = start(make_agent(tmp_path, gateway, agents))
+    began = time.monotonic()
+    wait_until(lambda: gateway.answers["401"] >= 4, 20, "four attempts answered 401")
+    attempts, elapsed = gateway.answers["401"], time.monotonic() - began
+    assert attempts <= elapsed / 0.5 + 2, (attempts, elapsed)  # backed off, not a tight loop
+    assert agent.new_log().count("401") == 1, agent.new_log()
+    token_file.write_text(TOKEN + "\n")
+    wait_until(lambda: gateway.records(), 15, "records once the token is right")
+    assert agent.new_log().count("gateway accepts records again") == 1
+
+
+def test_a_refused_record_is_dropped_alone_and_the_spool_goes_on(tmp_path, gateway, agents):
+    outbox = Outbox(tmp_path / "robot-state")
+    for i in range(5):
+        outbox.add("installed", "1.0.0", f"event {i}")
+    gateway.reject_seqs = {3}
+    agent = start(make_agent(tmp_path, gateway, agents))
+    wait_until(lambda: len(gateway.seqs()) >= 6, 15, "the records around the refused one")
+    seqs = gateway.seqs()
+    assert 3 not in seqs and seqs[:5] == [1, 2, 4, 5, 6]
+    log = agent.new_log()
+    assert log.count("gateway refused a batch") == 1 and log.count("dropping it") == 1, log
+
+
+@pytest.mark.parametrize("key,value", [("INTERVAL", "0"), ("GATEWAY_URL", "ftp://x"), ("TOKEN_FILE", "/nonexistent/token")])
+def test_bad_config_exits_1_with_one_line_naming_the_problem(tmp_path, gateway, agents, key, value):
+    agent = make_agent(tmp_path, gateway, agents, **{key: value})
+    assert_one_line_error(run_command("telemetry-agent", "--config", str(agent.config), timeout=30), key if key != "TOKEN_FILE" else value)
