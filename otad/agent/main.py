@@ -40,16 +40,17 @@ class CollectLoop:
         self._stop = True
         self._wake.set()
 
+    def apply(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self._wake.set()  # a new INTERVAL counts from the last sample, not from the old due time
+
     def run(self) -> None:
-        due = time.monotonic()
         while not self._stop:
+            began = time.monotonic()
             self.heartbeat.beat()
             self.collect_once()
-            # Keep the cadence; after a long stall start afresh rather than catch up in a burst.
-            due += self.settings.interval
-            if due < time.monotonic():
-                due = time.monotonic() + self.settings.interval
-            while not self._stop and (remaining := due - time.monotonic()) > 0:
+            # Sampling starts INTERVAL apart; after a stall that is longer, no burst to catch up.
+            while not self._stop and (remaining := began + self.settings.interval - time.monotonic()) > 0:
                 self._wake.wait(min(remaining, BEAT_EVERY))
                 self._wake.clear()
                 self.heartbeat.beat()
@@ -121,7 +122,7 @@ class Agent(Daemon):
         self.spool.set_bound(settings.spool_max_bytes)
         self.collect_beat.max_silence = settings.health_timeout + 2 * BEAT_EVERY + 60
         self.send_beat.max_silence = 2 * (settings.connect_timeout + settings.read_timeout) + 60
-        self.collector.settings = settings
+        self.collector.apply(settings)
         self.sender.apply(settings)
 
     def shutdown(self) -> None:

@@ -128,6 +128,11 @@ class Sender:
             return 0.0
         if status in (400, 413):
             return self._refused(rows, status, detail)
+        if status == 403 and (stale := self.spool.drop_other_robots(self.settings.robot_id)):
+            # Spooled under an earlier ROBOT_ID: this token can never send them.
+            log.error("gateway refuses records of another robot id for our token: dropped %d spooled "
+                      "before ROBOT_ID became %s", stale, self.settings.robot_id)
+            return 0.0
         if status in (401, 403):
             self._reread_token()
             what = "rejects our token" if status == 401 else "refuses our ROBOT_ID for this token"

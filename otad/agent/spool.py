@@ -132,7 +132,7 @@ class Spool:
     def _limit_wal(db: sqlite3.Connection, max_bytes: int) -> None:
         page = db.execute("PRAGMA page_size").fetchone()[0]
         # The WAL is disk too: checkpoint (and truncate it) at 5% of the bound.
-        wal_pages = max(16, max_bytes // page // 20)
+        wal_pages = max(8, max_bytes // page // 20)
         db.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
         db.execute(f"PRAGMA journal_size_limit={wal_pages * page}")
 
@@ -242,7 +242,17 @@ class Spool:
                 self._db.execute("ROLLBACK")
                 raise
             self.pending -= gone
+            # Sent rows free pages for good: give them back, so a drained spool is small again.
             self._db.execute("PRAGMA incremental_vacuum")
+
+    def drop_other_robots(self, robot_id: str) -> int:
+        """Forget rows spooled under another ROBOT_ID (before a reload); return how many."""
+        with self._lock:
+            gone = self._db.execute(
+                "DELETE FROM records WHERE json_extract(body, '$.robot_id') != ?", (robot_id,)
+            ).rowcount
+            self.pending -= gone
+        return gone
 
     # -- the bound --------------------------------------------------------------
     def used_bytes(self) -> int:
@@ -268,7 +278,8 @@ class Spool:
                 "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE kind = 'metric' ORDER BY id LIMIT ?)",
                 (count,),
             )
-            self._db.execute("PRAGMA incremental_vacuum")
+            # No vacuum here: the freed pages take the next records, so the file stays at
+            # the bound instead of churning through the WAL (which is disk too).
             self.pending -= count
             dropped += count
             used = self.used_bytes()
