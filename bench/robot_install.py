@@ -249,8 +249,15 @@ class Daemon:
         with self._cond:
             return next((s for s, line in self.lines if compiled.search(line)), None)
 
+    def _reap(self, flags: int) -> bool:
+        pid, status, usage = os.wait4(self.pid, flags)
+        if pid != self.pid:
+            return False
+        self.status, self.max_rss_kib = os.waitstatus_to_exitcode(status), usage.ru_maxrss
+        return True
+
     def alive(self) -> bool:
-        return self.status is None and os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        return self.status is None and not self._reap(os.WNOHANG)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         """SIGTERM, then SIGKILL after timeout; reaps the process and records its ru_maxrss."""
@@ -261,15 +268,10 @@ class Daemon:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
-            if pid == self.pid:
-                self.status, self.max_rss_kib = os.waitstatus_to_exitcode(status), usage.ru_maxrss
-                break
+        while not self._reap(os.WNOHANG):
             if time.monotonic() > deadline:
                 os.kill(self.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(self.pid, 0)
-                self.status, self.max_rss_kib = os.waitstatus_to_exitcode(status), usage.ru_maxrss
+                self._reap(0)
                 break
             time.sleep(0.05)
         self._reader.join(5)
@@ -378,6 +380,38 @@ def run_otad(robot_cmd: str, work: Path, name: str, gateway_url: str, pub: Path,
     return Run("otad", installed - downloading, steps, peak, other, total), robot
 
 
+UNPACK_ALONE = """
+import json, sys, time
+from pathlib import Path
+import otad.robot.main  # all of the robot's imports, so that the RSS figures compare with the daemon's
+from otad.robot import unpack
+
+def kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+if int(sys.argv[3]):
+    unpack.CHUNK = int(sys.argv[3])
+before = kib("VmRSS")
+start = time.perf_counter()
+unpack.unpack_release(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[4], 1 << 62, 1 << 30)
+print(json.dumps({"chunk": unpack.CHUNK, "seconds": time.perf_counter() - start, "before": before,
+                  "hwm": kib("VmHWM"), "after": kib("VmRSS")}))
+"""
+
+
+def run_unpack_alone(artifact: Path, work: Path, chunk: int, version: str, env: dict[str, str]) -> dict:
+    """Diagnostic: otad.robot.unpack.unpack_release alone in a fresh interpreter, optionally with another CHUNK."""
+    dest, out = work / "unpack-alone", work / "unpack-alone.json"
+    fresh(dest, out)
+    sync_all()
+    argv = [sys.executable, "-c", UNPACK_ALONE, str(artifact), str(dest), str(chunk), version]
+    must(spawn(argv, out, env), argv, out)
+    result = json.loads(out.read_text().strip().splitlines()[-1])
+    fresh(dest, out)
+    return result
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -414,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("curl", "sha256sum", "tar", "sync"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: install it (Debian: curl, coreutils, tar)")
+    # SIGTERM, and SIGINT even when started in the background (where it is ignored), end the
+    # script through its `finally`, which stops the daemons it started and removes its folder.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="otad-bench-robot-", dir="/tmp"))
     env = dict(os.environ, COSIGN_PASSWORD="", PYTHONUNBUFFERED="1")
@@ -554,10 +592,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  over {window:.0f} s: CPU {cpu:.2f} s ({100 * cpu / window:.3f}% of one CPU), {len(polls)} polls, "
                   f"{switches} context switches ({switches / window:.1f}/s); VmRSS at the end "
                   f"{idle_end_rss / 1024:.1f} MiB, highest sampled {rss_max / 1024:.1f} MiB")
+        rss_split = {f: proc_status_kib(robot.pid, f) / 1024 for f in ("VmRSS", "RssAnon", "RssFile")}
+        print(f"  now: VmRSS {rss_split['VmRSS']:.1f} MiB = anonymous {rss_split['RssAnon']:.1f} "
+              f"+ file-backed (shared libraries) {rss_split['RssFile']:.1f}")
         new_lines = [line for _, line in robot.lines if not line.startswith(("installed", "verified", "activated",
                                                                              "downloading", "otad-robot", "recovered"))]
         if new_lines:
             print("  robot log lines besides the install's: " + " | ".join(new_lines[-5:]))
+
+        # Diagnostic: the unpack step alone, with unpack.CHUNK as shipped and at 64 KiB.
+        print(f"\ndiagnostic, unpack_release alone on {manifest['artifact']} (fresh interpreter, fsyncs included):")
+        alone: dict[int, list[dict]] = {0: [], 64 * 1024: []}
+        for i in range(args.repeat):
+            for chunk in ((0, 64 * 1024) if i % 2 == 0 else (64 * 1024, 0)):
+                alone[chunk].append(run_unpack_alone(ota / manifest["artifact"], work, chunk, version, env))
+        for chunk, results in alone.items():
+            label = f"CHUNK {results[0]['chunk'] // 1024} KiB" + (" (as shipped)" if not chunk else "")
+            runs_s = " ".join(f"{r['seconds']:.2f}" for r in results)
+            print(f"  {label:22s}: {statistics.median(r['seconds'] for r in results):.2f} s (runs {runs_s}), "
+                  f"VmRSS before {max(r['before'] for r in results) / 1024:.1f} MiB, "
+                  f"VmHWM {max(r['hwm'] for r in results) / 1024:.1f}, after {max(r['after'] for r in results) / 1024:.1f}")
 
         # ----------------------------------------------------------------- report
         print()

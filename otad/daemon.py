@@ -165,3 +165,9 @@ def daemon_main(
     except OtadError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        # A bug, not an operator error; one line for the journal, --debug for the traceback.
+        print(f"{prog}: unexpected {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return 1

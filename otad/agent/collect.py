@@ -56,7 +56,7 @@ def health(command: str, timeout: float) -> str:
     outcome = runner.run(command, timeout)
     if outcome.ok:
         return "ok"
-    return "degraded" if outcome.reason == "exit 1" else "failed"
+    return "degraded" if outcome.returncode == 1 else "failed"
 
 
 def _clamp(value: float) -> float:

@@ -26,7 +26,12 @@ log = logging.getLogger("otad.agent")
 
 
 class CollectLoop:
-    """Every INTERVAL: one metric into the spool, then the robot's outbox into the spool."""
+    """Every INTERVAL: one metric into the spool, then the robot's outbox into the spool.
+
+    The first metric comes one INTERVAL after start: CPU % is the change between
+    two samples, and a window of a few milliseconds of our own start-up is noise.
+    Events waiting in the outbox are taken at once.
+    """
 
     def __init__(self, settings: AgentSettings, spool: Spool, sender: Sender, heartbeat: Heartbeat) -> None:
         self.settings, self.spool, self.sender, self.heartbeat = settings, spool, sender, heartbeat
@@ -45,23 +50,26 @@ class CollectLoop:
         self._wake.set()  # a new INTERVAL counts from the last sample, not from the old due time
 
     def run(self) -> None:
+        first = True
         while not self._stop:
             began = time.monotonic()
             self.heartbeat.beat()
-            self.collect_once()
+            self.collect_once(sample=not first)
+            first = False
             # Sampling starts INTERVAL apart; after a stall that is longer, no burst to catch up.
             while not self._stop and (remaining := began + self.settings.interval - time.monotonic()) > 0:
                 self._wake.wait(min(remaining, BEAT_EVERY))
                 self._wake.clear()
                 self.heartbeat.beat()
 
-    def collect_once(self) -> None:
+    def collect_once(self, sample: bool = True) -> None:
         settings = self.settings
         try:
-            record = self.collector.sample(
-                settings.robot_id, self.boot, settings.app_dir, settings.health_cmd, settings.health_timeout
-            )
-            self.spool.add(record)
+            if sample:
+                record = self.collector.sample(
+                    settings.robot_id, self.boot, settings.app_dir, settings.health_cmd, settings.health_timeout
+                )
+                self.spool.add(record)
             outbox_dir = settings.robot_state_dir / "outbox"
             # No outbox folder: otad-robot is not installed (or not started yet); never create it for it.
             if outbox_dir.is_dir():

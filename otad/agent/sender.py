@@ -11,6 +11,7 @@ not once per retry: an outage of hours must not flood the journal.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 
@@ -42,6 +43,7 @@ class Sender:
         self._single_until = 0  # after a 400: rows up to this id go one by one, to find the bad one
         self._wake = threading.Event()
         self._retry_now = False
+        self._backing_off = False  # set by a failed attempt: new records then do not cut the wait
         self._stop = False
         self.token = read_own_token(settings.token_file)  # ConfigError at start: exit 1 naming the file
         warning = check_private(settings.token_file)
@@ -73,8 +75,15 @@ class Sender:
     def run(self) -> None:
         while not self._stop:
             self.heartbeat.beat()
-            delay = self.send_once()
-            self._sleep(delay, interruptible=self.problem is None)
+            self._backing_off = False
+            try:
+                delay = self.send_once()
+            except (OSError, sqlite3.Error) as exc:
+                # The spool's disk is full or failing: keep the thread, try again later.
+                log.error("cannot read or update the spool: %s: %s", type(exc).__name__, exc)
+                self._backing_off = True
+                delay = self.backoff.failure()
+            self._sleep(delay, interruptible=not self._backing_off)
         self.session.close()
 
     def _sleep(self, delay: float, interruptible: bool) -> None:
@@ -153,6 +162,7 @@ class Sender:
         return 0.0
 
     def _failed(self, kind: str, message: str) -> float:
+        self._backing_off = True
         delay = self.backoff.failure()
         if kind != self.problem:
             log.warning("%s; %d records waiting, retrying with backoff up to %ds",

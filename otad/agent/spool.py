@@ -54,7 +54,8 @@ def checked(record: dict, what: str) -> dict | None:
         if "'version'" not in str(exc) or not record.get("version"):
             log.error("%s dropped, the gateway would refuse it: %s", what, exc)
             return None
-    log.warning("%s: version %r is not sendable; sending it with an empty version", what, str(record.get("version"))[:70])
+    log.warning("%s: version %r is not sendable; sending it with an empty version",
+                what, str(record.get("version"))[:70])
     return checked({**record, "version": ""}, what)
 
 
@@ -79,7 +80,9 @@ class Spool:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open(fresh=not path.exists())
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError:
+            raise  # locked, unreadable, disk full: not a reason to set the data aside
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
             self._db = self._recreate(str(exc))
         self.pending = self._db.execute("SELECT count(*) FROM records").fetchone()[0]
         self.dropped = 0
@@ -256,8 +259,10 @@ class Spool:
 
     # -- the bound --------------------------------------------------------------
     def used_bytes(self) -> int:
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0] - self._db.execute("PRAGMA freelist_count").fetchone()[0]
-        return pages * self._db.execute("PRAGMA page_size").fetchone()[0]
+        def pragma(name: str) -> int:
+            return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+
+        return (pragma("page_count") - pragma("freelist_count")) * pragma("page_size")
 
     def _enforce_bound(self) -> None:
         used = self.used_bytes()

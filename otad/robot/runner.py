@@ -20,6 +20,7 @@ class Outcome:
     ok: bool
     reason: str  # one line: "exit 1", "timed out after 60s", ...
     tail: str  # last lines of stdout+stderr
+    returncode: int | None = None  # None: it could not run, or was killed at its deadline
 
 
 def run(command: list[str] | str, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None) -> Outcome:
@@ -39,8 +40,8 @@ def run(command: list[str] | str, timeout: float, cwd: Path | None = None, env: 
         return Outcome(False, f"timed out after {timeout:.0f}s", _tail(output))
     _kill_group(proc)  # leftovers of a finished command must not linger
     if proc.returncode != 0:
-        return Outcome(False, f"exit {proc.returncode}", _tail(output))
-    return Outcome(True, "ok", _tail(output))
+        return Outcome(False, f"exit {proc.returncode}", _tail(output), proc.returncode)
+    return Outcome(True, "ok", _tail(output), 0)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
