@@ -95,6 +95,23 @@ class Site:
         self.robots.append(daemon)
         return daemon
 
+    def agent(self, gateway_url: str, name: str = "robot", token_file: Path | None = None, **overrides) -> Daemon:
+        """A telemetry agent beside robot `name` (same APP_DIR, draining its outbox)."""
+        if token_file is None:
+            token_file = self.root / f"{name}-agent.token"
+            token_file.write_text(robot_token(name) + "\n")
+            token_file.chmod(0o600)
+        values = {
+            "GATEWAY_URL": gateway_url, "ROBOT_ID": name, "INTERVAL": 1, "TOKEN_FILE": token_file,
+            "STATE_DIR": self.root / f"{name}-agent-state", "APP_DIR": self.root / f"{name}-app",
+            "ROBOT_STATE_DIR": self.root / f"{name}-state", "BACKOFF_MAX": 2, "CONNECT_TIMEOUT": 2, "READ_TIMEOUT": 3,
+            **overrides,
+        }
+        config = write_config(self.root / f"{name}-agent.conf", values)
+        daemon = Daemon("telemetry-agent", config, self.root / f"{name}-agent.log")
+        self.robots.append(daemon)
+        return daemon
+
     def stop_all(self) -> None:
         for daemon in [*self.robots, *self.gateways, self.dashboard]:
             if daemon is not None and daemon.running():
