@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check test test-bookworm interop-js bench bench-release clean
+.PHONY: all demo check test test-bookworm interop-js bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean
 
 all: check
 
@@ -40,10 +40,29 @@ test-bookworm: $(VENV_BOOKWORM)/.installed interop-js
 
 check: test test-bookworm
 
-bench: bench-release
+# Benchmarks measure against reference tools in the same run (docs/benchmarks.md).
+# They are not tests: they print ratios and PASS/MISS and always exit 0.
+bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry
+
+bench-deps:
+	@missing=""; for tool in curl:curl nginx:nginx-light ab:apache2-utils wrk:wrk; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get install -y -q $$missing; fi
 
 bench-release: $(VENV)/.installed
 	$(VENV)/bin/python bench/release_build.py
+
+bench-gateway: $(VENV)/.installed bench-deps
+	$(VENV)/bin/python bench/gateway_serving.py
+
+bench-polls: $(VENV)/.installed bench-deps
+	$(VENV)/bin/python bench/dashboard_polls.py
+
+bench-robot: $(VENV)/.installed bench-deps
+	$(VENV)/bin/python bench/robot_install.py
+
+bench-telemetry: $(VENV)/.installed bench-deps
+	$(VENV)/bin/python bench/telemetry.py
 
 clean:
 	rm -rf $(VENV) $(VENV_BOOKWORM) $(INTEROP_JS)/node_modules build dist *.egg-info .pytest_cache

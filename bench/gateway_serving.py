@@ -52,7 +52,7 @@ RSS_TARGET_MIB = 60.0
 # "Flat": the peak at --clients may be at most this much above the peak at 1 client.
 RSS_FLAT_SLACK_MIB = 4.0
 # Warn when the CPU time spent outside the server, the clients and this script exceeds this
-# share of the loads' CPU time. On a quiet machine it is about 5% (softirq time not charged
+# share of the loads' CPU time. On a quiet machine it is 3-9% (softirq time not charged
 # to any process); more means other processes competed for the CPUs.
 NOISE_SHARE = 0.10
 # --nginx-tuned: the two directives of the nginx config that cost CPU on loopback (see

@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from otad.transfer.http import Plan, Validators, plan_response
 
 log = logging.getLogger("otad.http")
-SENDFILE_CHUNK = 8 * 1024 * 1024
 
 
 class Server(ThreadingHTTPServer):
