@@ -2,7 +2,7 @@
 """Benchmark `otad-robot` installing a release against curl + sha256sum + tar, and its idle cost.
 
 A measurement, not a test: it always exits 0 (unless it cannot run at all) and
-prints PASS/MISS against four targets:
+prints PASS/MISS against three targets, and reports the idle CPU:
 
 * wall clock of one install: otad-robot, from its `downloading app` log line to
   its `installed app` line, <= 1.15 x (`curl -s -o F URL`, `sha256sum F`,
@@ -18,7 +18,9 @@ generated like bench/release_build.py's (same mix of random, text-like and
 binary-like files), sized so that the .tar.gz is about --size-mb MiB, waits
 until the gateway has cached and verified it, then starts, --repeat times, a
 robot with fresh STATE_DIR and APP_DIR and times its install. The robot of the
-last run stays up for the idle measurements. Run it as
+last run stays up for the idle measurements. As a diagnostic, it also times
+otad.robot.unpack.unpack_release alone, with its CHUNK as shipped and at 64 KiB.
+Run it as
 
     .venv/bin/python bench/robot_install.py [--size-mb 256] [--repeat 3] [--idle-seconds 300]
 

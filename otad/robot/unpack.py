@@ -21,7 +21,7 @@ from pathlib import Path
 
 from otad.errors import TrustError
 
-CHUNK = 1 << 20
+CHUNK = 64 * 1024  # larger chunks cost page faults in tarfile's temporary buffers (docs/benchmarks.md)
 MAX_HEADER_BYTES = 16 * 1024  # one PAX or GNU long-name header: a path and a link target of 4 KiB fit
 MAX_HEADER_CHAIN = 8  # extended headers before one member; tarfile recurses once per header
 _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)

@@ -14,8 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nacl.exceptions
-import nacl.secret
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -110,6 +108,9 @@ def _decrypt_cosign_body(body: bytes, password: bytes, name: str) -> bytes:
         raise KeyFileError(f"{name}: unsupported key encryption {kdf_name}/{cipher_name}")
     if n not in ACCEPTED_SCRYPT_N or r != SCRYPT_R or p != SCRYPT_P:
         raise KeyFileError(f"{name}: unsupported scrypt parameters N={n} r={r} p={p}")
+    import nacl.exceptions  # only signers decrypt keys; daemons that verify never load PyNaCl
+    import nacl.secret
+
     if len(nonce) != nacl.secret.SecretBox.NONCE_SIZE:
         raise KeyFileError(f"{name}: secretbox nonce must be {nacl.secret.SecretBox.NONCE_SIZE} bytes")
     box = nacl.secret.SecretBox(_scrypt(password, salt, n))
@@ -150,6 +151,8 @@ def _require_p256(key: object, name: str) -> None:
 
 def encrypt_private_key(key: ec.EllipticCurvePrivateKey, password: bytes) -> bytes:
     """Encrypt `key` into a PEM file byte-compatible with `cosign generate-key-pair`."""
+    import nacl.secret
+
     der = key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 
 from otad.errors import BadSignature, ChecksumMismatch, MalformedMetadata, UntrustedKey
-from otad.trust import gpg
 from otad.trust.bundle import parse_bundle
 from otad.trust.digest import FileDigest, digest_file
 from otad.trust.keys import PublicKey
@@ -87,6 +86,8 @@ def verify_artifact(
     if manifest.signature == "gpg":
         if anchors.gpg_keyring is None:
             raise UntrustedKey("release is signed with gpg but no gpg keyring is trusted")
+        from otad.trust import gpg  # python-gnupg is loaded only where gpg releases are used
+
         key_name = gpg.verify_detached(anchors.gpg_keyring, signature_bytes, path)
     else:
         key_name = verify_cosign_signature(observed.sha256, signature_bytes, anchors.cosign_keys).name
