@@ -43,9 +43,8 @@ class Fetched:
     etag: str | None = None
 
 
-def _transport_error(url: str, exc: Exception) -> TransportError:
-    reason = type(exc).__name__
-    return TransportError(f"GET {url}: {reason}")
+def _transport_error(url: str, exc: Exception, method: str = "GET") -> TransportError:
+    return TransportError(f"{method} {url}: {type(exc).__name__}")
 
 
 class HttpClient:
@@ -98,7 +97,7 @@ class HttpClient:
                 timeout=(self.limits.connect_timeout, self.limits.read_timeout),
             )
         except requests.RequestException as exc:
-            raise _transport_error(url, exc) from None
+            raise _transport_error(url, exc, "POST") from None
         with response:
             try:
                 reply = response.json() if response.content else None
