@@ -50,6 +50,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from release_build import make_app_in_child  # noqa: E402  the same app generator, in a forked child
+from gateway_serving import (  # noqa: E402 - shared helpers of the benchmarks
+    _verdict,
+    busy_cpu_seconds,
+    cpu_seconds,
+    http_get,
+    proc_status_kib,
+    wait_until,
+)
 
 MIB = 1 << 20
 
@@ -78,39 +86,6 @@ def _bin(name: str) -> str:
     return found
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            sys.exit(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (all their threads), in seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
 def context_switches(pid: int) -> int:
     """Voluntary + involuntary context switches of all the process's threads: its wake-ups."""
     total = 0
@@ -124,14 +99,6 @@ def context_switches(pid: int) -> int:
     return total
 
 
-def busy_cpu_seconds() -> float:
-    """CPU time all CPUs spent not idle since boot (from /proc/stat), in seconds."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def own_and_children_cpu() -> float:
     """CPU of this script and its reaped children (reference commands, stopped robots)."""
     import resource
@@ -141,16 +108,6 @@ def own_and_children_cpu() -> float:
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
     return total
-
-
-def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
 
 
 def _exec_child(argv: list[str], stdout_fd: int, env: dict[str, str] | None) -> None:
@@ -415,10 +372,6 @@ def run_unpack_alone(artifact: Path, work: Path, chunk: int, version: str, env: 
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
