@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from faultproxy import NotifySocket
+from notify import NotifySocket
 from harness import Daemon, run_command, wait_until, write_config
 from otad.agent.spool import Spool
 from otad.robot.outbox import Outbox

@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from conftest import otad_release
-from faultproxy import FaultProxy, NotifySocket
+from notify import NotifySocket
+from otad.demo.faultproxy import FaultProxy
 from harness import run_command, wait_until, write_config
 from fleet import Site, fetch_release, served_manifest, wait_for_version
 

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from conftest import assert_one_line_error
-from faultproxy import NotifySocket
+from notify import NotifySocket
 from fleet import Site, served_manifest
 from harness import run_command, wait_until
 from invariants import current_problem

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from faultproxy import FaultProxy
+from otad.demo.faultproxy import FaultProxy
 from fleet import (GATEWAY_TOKEN, Site, dashboard_records, event, metric, post_records, robot_token, write_tokens)
 from harness import wait_until, write_config
 

@@ -44,7 +44,7 @@ def _write_app(root: Path, version: str) -> None:
 
 def main() -> int:
     bin_dir = Path(sys.executable).parent
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     work = Path(tempfile.mkdtemp(prefix="otad-demo-"))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "COSIGN_PASSWORD": "demo"}
     release = str(bin_dir / "otad-release")

@@ -1,6 +1,7 @@
 """A TCP fault proxy between two real processes: cut after N bytes, stall, refuse.
 
-Runs in the test process on 127.0.0.1. It counts the bytes that flow from the
+Used by `make demo` to take the WAN down on loopback without root, and by the
+tests. It runs in the calling process on 127.0.0.1. It counts the bytes that flow from the
 upstream server to the client, so a test can prove a resumed download did not
 fetch the file again from the start.
 """
@@ -123,24 +124,3 @@ def _close(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
-
-
-class NotifySocket:
-    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        self.messages: list[str] = []
-
-    def drain(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except BlockingIOError:
-                return self.messages
-
-    def close(self) -> None:
-        self.sock.close()
