@@ -24,6 +24,7 @@ from otad.errors import ConfigError
 from otad.telemetry.records import MAX_BODY_BYTES
 from otad.telemetry.tokens import check_private, read_own_token
 from otad.transfer.backoff import Backoff
+from otad.transfer.tls import client_tls, describe_tls_error, plain_http_warning
 
 log = logging.getLogger("otad.agent")
 
@@ -50,6 +51,10 @@ class Sender:
         if warning:
             log.warning("%s", warning)
         self.settings = settings
+        # Per request: requests lets $REQUESTS_CA_BUNDLE override a session's `verify`.
+        self.tls_options = client_tls(settings, "gateway_ca_file").session_options()
+        if warning := plain_http_warning(settings.gateway_url, "GATEWAY_URL"):
+            log.warning("%s", warning)
 
     def apply(self, settings: AgentSettings) -> None:
         try:
@@ -57,6 +62,7 @@ class Sender:
         except ConfigError as exc:
             log.error("%s; keeping the token read before", exc)
         self.settings = settings
+        self.tls_options = client_tls(settings, "gateway_ca_file").session_options()
         self.backoff.cap = settings.backoff_max
         self.retry_now()
 
@@ -120,9 +126,11 @@ class Sender:
         try:
             response = self.session.post(
                 f"{self.settings.gateway_url}/metrics", data=body, headers=headers,
-                timeout=(self.settings.connect_timeout, self.settings.read_timeout),
+                timeout=(self.settings.connect_timeout, self.settings.read_timeout), **self.tls_options,
             )
             detail = _error_text(response)
+        except requests.exceptions.SSLError as exc:
+            return self._failed("refuses TLS", f"TLS with the gateway failed ({describe_tls_error(exc) or 'SSLError'})")
         except requests.RequestException as exc:
             return self._failed("unreachable", f"gateway unreachable ({type(exc).__name__})")
         status = response.status_code

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from otad.config import http_url, path, seconds, setting, text, whole
+from otad.config import http_url, optional_path, path, seconds, setting, text, whole
 from otad.robot.settings import _robot_id
 from otad.telemetry.records import MAX_RECORDS
+from otad.transfer.tls import check_client_files
 
 DEFAULT_CONFIG = "/etc/otad/telemetry-agent.conf"
 
@@ -28,6 +29,13 @@ class AgentSettings:
     backoff_max: int = setting(seconds, "300")
     connect_timeout: int = setting(seconds, "10")
     read_timeout: int = setting(seconds, "30")
+    # TLS towards the gateway (docs/security.md), when GATEWAY_URL is https://.
+    gateway_ca_file: Path | None = setting(optional_path, "", "CA bundle for the gateway's certificate; empty: system store")
+    client_cert: Path | None = setting(optional_path, "", "client certificate (PEM) for mutual TLS")
+    client_key: Path | None = setting(optional_path, "", "its private key (PEM, chmod 600)")
+
+    def check(self) -> None:
+        check_client_files(self.gateway_ca_file, self.client_cert, self.client_key, "GATEWAY_CA_FILE")
 
     @property
     def spool_max_bytes(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from otad.config import listen_address, optional_path, path, setting, whole
+from otad.config import listen_address, optional_path, path, seconds, setting, whole
 
 DEFAULT_CONFIG = "/etc/otad/dashboard.conf"
 CONFIG_ENV = "OTAD_DASHBOARD_CONFIG"
@@ -18,6 +18,8 @@ class DashboardSettings:
     threads: int = setting(whole(1, 256), "8", "HTTP worker threads")
     db_path: Path | None = setting(optional_path, "", "telemetry database (default: STATE_DIR/telemetry.db)")
     tokens_file: Path | None = setting(optional_path, "", "'gateway_id token' lines; empty: telemetry ingest disabled")
+    header_timeout: int = setting(seconds, "20", "a request's header section must arrive within this many seconds")
+    connection_limit: int = setting(whole(1, 100000), "1000", "open connections at most; beyond, new ones wait")
 
     @property
     def telemetry_path(self) -> Path:

@@ -19,6 +19,7 @@ from otad.errors import TransportError
 from otad.gateway.buffer import TelemetryBuffer
 from otad.transfer.backoff import Backoff
 from otad.transfer.client import HttpClient, TransferLimits
+from otad.transfer.tls import ClientTls
 
 log = logging.getLogger("otad.gateway")
 
@@ -36,11 +37,11 @@ class Forwarder:
         self._last_error = ""
 
     def configure(self, dashboard_url: str, gateway_id: str, token: str | None, batch: int, backoff_max: int,
-                  limits: TransferLimits) -> None:
+                  limits: TransferLimits, tls: ClientTls | None = None) -> None:
         self.gateway_id, self.token, self.batch = gateway_id, token, batch
         self._backoff.cap = backoff_max
         old = getattr(self, "client", None)
-        self.client = HttpClient(dashboard_url, limits)
+        self.client = HttpClient(dashboard_url, limits, tls=tls)
         if old is not None:
             old.close()
         self.buffer.new_records.set()

@@ -17,6 +17,8 @@ from otad.gateway.settings import DEFAULT_CONFIG, GatewaySettings
 from otad.gateway.sync import Syncer
 from otad.telemetry.tokens import TokenTable, check_private, read_own_token
 from otad.transfer.client import TransferLimits
+from otad.transfer.server import ServerLimits
+from otad.transfer.tls import client_tls, is_loopback, plain_http_warning, server_context
 from otad.trust.verify import TrustAnchors
 
 log = logging.getLogger("otad.gateway")
@@ -41,8 +43,15 @@ class Gateway(Daemon):
         self.ingest = Ingest(self.buffer, None)
         self.forwarder = Forwarder(self.buffer, self.forward_beat)
         self._load_tokens(self.settings)
-        self.server = make_edge_server(self.settings.listen, self.cache, self.ingest)
+        settings = self.settings
+        context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
+        limits = ServerLimits(header_timeout=settings.header_timeout)
+        self.server = make_edge_server(settings.listen, self.cache, self.ingest, context, limits)
         log.info("listening on %s", self.server.url)
+        for warning in (plain_http_warning(settings.dashboard_url, "DASHBOARD_URL"),
+                        plain_http_warning(self.server.url, "edge listener") if not is_loopback(settings.listen[0]) else None):
+            if warning:
+                log.warning("%s", warning)
         self.syncer = Syncer(self.settings, self.cache, self.sync_beat)
         self.server_thread = self.server.start_thread("edge")
         self.sync_thread = threading.Thread(target=self.syncer.run, name="sync", daemon=True)
@@ -71,7 +80,7 @@ class Gateway(Daemon):
         self.ingest.tokens = robots
         limits = TransferLimits(settings.connect_timeout, settings.read_timeout)
         self.forwarder.configure(settings.dashboard_url, settings.gateway_id, own, settings.forward_batch,
-                                 settings.backoff_max, limits)
+                                 settings.backoff_max, limits, client_tls(settings, "dashboard_ca_file"))
 
     def tick(self) -> float:
         if not self.server_thread.is_alive():

@@ -12,6 +12,7 @@ from otad.robot.outbox import Outbox
 from otad.robot.settings import DEFAULT_CONFIG, RobotSettings
 from otad.robot.state import StateLock, StateStore
 from otad.robot.worker import Worker
+from otad.transfer.tls import plain_http_warning
 
 log = logging.getLogger("otad.robot")
 
@@ -32,6 +33,8 @@ class Robot(Daemon):
         self.installer.recover()
         current = self.installer.app.target("CURRENT")
         log.info("recovered: CURRENT is app %s (robot %s)", current or "none", self.settings.robot_id)
+        if warning := plain_http_warning(self.settings.gateway_url, "GATEWAY_URL"):
+            log.warning("%s", warning)
         self.worker = Worker(self.settings, self.installer, self.work_beat)
         self.thread = threading.Thread(target=self.worker.run, name="worker", daemon=True)
         self.thread.start()

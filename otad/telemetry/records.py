@@ -53,7 +53,7 @@ def _matching(doc: dict, key: str, pattern: re.Pattern[str], where: str) -> str:
 
 def _percent(doc: dict, key: str, where: str) -> float:
     value = _require(doc, key, (int, float), where)
-    if not math.isfinite(value) or not 0 <= value <= 100:
+    if not 0 <= value <= 100 or not math.isfinite(value):  # range first: a 400-digit int overflows isfinite
         raise RecordError(f"{where}: field '{key}' must be a percentage 0-100")
     return float(value)
 
