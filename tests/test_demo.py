@@ -1,11 +1,158 @@
-"""`make demo` runs the whole release story and says OK; a tampered copy is refused on the way."""
+"""`make demo` (python -m otad.demo): the whole story with the real daemons, and a clean stop.
+
+The demo is run as a user runs it, as a subprocess in its own session (as a
+terminal's foreground job). Every process it starts inherits a tag in its
+environment; after the demo exits, /proc must hold no process with that tag.
+With DEMO_KEEP=1 its folder stays (under tmp_path, via TMPDIR), and the test
+checks the story against the state the daemons themselves left there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
 import subprocess
 import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness import wait_until
+
+ROBOTS = ("robot-1", "robot-2", "robot-3")
+TAG = "OTAD_DEMO_TEST_TAG"
 
 
-def test_demo_runs_end_to_end():
-    result = subprocess.run([sys.executable, "-m", "otad.demo"], capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "verified app-v1.0.0.tar.gz" in result.stdout
-    assert "bundle messageDigest does not match" in result.stdout
-    assert result.stdout.strip().endswith("demo: OK")
+def demo_env(tmp_path: Path, tag: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    return {**env, TAG: tag, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def tagged_processes(tag: str) -> list[str]:
+    """Command lines of every live process whose environment carries the tag."""
+    marker = f"{TAG}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie is already dead, waiting for its parent to reap it
+                    found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def start_demo(tmp_path: Path, tag: str, **extra: str) -> tuple[subprocess.Popen, Path]:
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as stream:
+        proc = subprocess.Popen([sys.executable, "-m", "otad.demo"], stdin=subprocess.DEVNULL, stdout=stream,
+                                stderr=subprocess.STDOUT, env=demo_env(tmp_path, tag, **extra), start_new_session=True)
+    return proc, out
+
+
+def wait_for_line(proc: subprocess.Popen, out: Path, text: str, timeout: float) -> str:
+    def seen():
+        output = out.read_text(errors="replace")
+        if text in output:
+            return output
+        assert proc.poll() is None, f"demo exited with {proc.returncode} before printing {text!r}:\n{output[-3000:]}"
+        return None
+
+    return wait_until(seen, timeout, f"the demo to print {text!r}", interval=0.2)
+
+
+def dashboard_rows(work: Path) -> list[tuple[str, int, str, str]]:
+    conn = sqlite3.connect(f"file:{work / 'dashboard' / 'telemetry.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT robot_id, seq, type, body FROM records WHERE type != 'gap' ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_demo_once_tells_the_whole_story_and_exits_0(tmp_path):
+    tag = uuid.uuid4().hex
+    result = subprocess.run([sys.executable, "-m", "otad.demo"], capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=demo_env(tmp_path, tag, DEMO_ONCE="1", DEMO_KEEP="1"))
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr
+    assert re.search(r"fleet status page: http://127\.0\.0\.1:\d+/status", out)
+    for version in ("1.0.0", "1.1.0"):
+        assert f"dashboard: 3 robots on {version}" in out
+        assert re.search(rf"downloading {re.escape(version)}\s+\d+%", out), f"no download progress for {version}"
+    for robot in ROBOTS:
+        assert f"{robot}: rolled back 1.2.0 -> 1.1.0: self-test failed (exit 1): arm calibration failed" in out
+        assert f"{robot}: blacklisted 1.2.0; it stays on 1.1.0" in out
+        assert f"{robot}: running 1.1.0, blacklist: 1.2.0" in out
+    backlog = [int(n) for n in re.findall(r"WAN DOWN, telemetry backlog (\d+)", out)]
+    assert len(backlog) >= 3 and backlog[-1] > backlog[0], f"the backlog did not grow while the WAN was down: {backlog}"
+    buffered = int(re.search(r"buffering: the gateway holds (\d+) telemetry records", out)[1])
+    flushed = int(re.search(r"flushed: (\d+) buffered records reached the dashboard", out)[1])
+    assert flushed == buffered >= 5
+    assert "demo: OK" in out and "FAILED" not in out
+    assert re.search(r"demo: stopped 8 processes\n", out), out[-1000:]
+    assert tagged_processes(tag) == []
+
+    # What the daemons left on disk says the same.
+    work = Path(re.search(r"demo: kept (\S+)", out)[1])
+    assert work.parent == tmp_path
+    for robot in ROBOTS:
+        state = json.loads((work / robot / "state" / "state.json").read_text())
+        assert (state["phase"], state["committed"], state["blacklist"]) == ("idle", "1.1.0", ["1.2.0"])
+        assert os.readlink(work / robot / "app" / "CURRENT") == "releases/1.1.0"
+    rows = dashboard_rows(work)
+    events = {(r[0], json.loads(r[3])["event"], json.loads(r[3])["version"]) for r in rows if r[2] == "event"}
+    for robot in ROBOTS:
+        assert {(robot, "installed", "1.0.0"), (robot, "installed", "1.1.0"), (robot, "rolled_back", "1.2.0"),
+                (robot, "blacklisted", "1.2.0")} <= events
+        seqs = [r[1] for r in rows if r[0] == robot]
+        # The outage lost, duplicated and reordered nothing.
+        assert seqs == list(range(1, len(seqs) + 1)), f"{robot}: {seqs}"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_fleet_and_leaves_no_process(tmp_path):
+    tag = uuid.uuid4().hex
+    proc, out = start_demo(tmp_path, tag)
+    try:
+        wait_for_line(proc, out, "fleet running until Ctrl-C:", 240)
+        assert len(tagged_processes(tag)) >= 9  # the demo, 8 daemons, maybe a health check of theirs
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = out.read_text()
+    assert "demo: SIGINT received, stopping the fleet" in output
+    assert "demo: stopped 8 processes\n" in output, output[-1000:]
+    assert tagged_processes(tag) == []
+    assert not list(tmp_path.glob("otad-demo-*")), "the demo's temporary folder was left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_stopping_the_demo_mid_story_leaves_no_process(tmp_path, sig):
+    tag = uuid.uuid4().hex
+    proc, out = start_demo(tmp_path, tag, DEMO_ONCE="1")
+    try:
+        wait_for_line(proc, out, "every robot runs 1.0.0", 120)
+        proc.send_signal(sig)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if sig == signal.SIGTERM:
+        assert code == 130, out.read_text()[-2000:]
+        assert tagged_processes(tag) == []
+    else:
+        # The demo had no say: the kernel's parent-death signal takes its daemons down.
+        wait_until(lambda: tagged_processes(tag) == [], 15, "the daemons of a kill -9'd demo to die")

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 from otad import __version__
 from otad.dashboard.ingest import MAX_WIRE_BYTES, IngestError, authenticate, decode_body, parse_forwarded
 from otad.dashboard.ota import OtaFolder
-from otad.dashboard.status import render_status, status_document
+from otad.dashboard.status import fleet_status, render_status
 from otad.dashboard.store import TelemetryStore
 from otad.telemetry.tokens import TokenTable
 from otad.transfer.files import open_inside, safe_file_name
@@ -95,7 +95,7 @@ class DashboardApp:
                 return _json(start_response, 405, {"error": "use POST"}, method, [("Allow", "POST")])
             return self._metrics(environ, start_response)
         if path in ("/status", "/status.json") and method in ("GET", "HEAD"):
-            document = status_document(self.telemetry.store.summary(), time.time())
+            document = fleet_status(self.telemetry.store, time.time())
             if path == "/status.json":
                 return _json(start_response, 200, document, method, [("Cache-Control", "no-store")])
             page = render_status(document)

@@ -1,80 +1,91 @@
-"""`make demo`: build a sample app into a signed release, verify it, publish it.
+"""`make demo`: a whole fleet on this machine, as an ordinary user on loopback.
 
-Runs the real `otad-release` commands a CI job would run, printing each one,
-in a temporary folder that is removed afterwards (set DEMO_KEEP=1 to keep it).
-Later stages of the demo (a whole local fleet) grow from here.
+A dashboard, a gateway, three robots each with its telemetry agent (the real
+daemons, state in a temporary folder), then the story in otad.demo.story.
+Afterwards the fleet keeps running for you to explore until Ctrl-C (SIGINT or
+SIGTERM), which stops every process it started. With DEMO_ONCE=1 it exits after
+the summary: status 0 only if every step happened as expected. DEMO_KEEP=1 keeps
+the state folder; DEMO_PORT=8080 puts the dashboard on a fixed port.
 """
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-SAMPLE_APP = {
-    "bin/robot-app": "#!/bin/sh\necho \"robot-app $(cat \"$(dirname \"$0\")/../VERSION\")\"\n",
-    "selftest": "#!/bin/sh\n# A release's own self-test: the robot runs it after activation.\nexec \"$(dirname \"$0\")/bin/robot-app\" >/dev/null\n",
-    "share/config.json": '{"speed_limit_mps": 1.5}\n',
-}
+from otad.demo.fleet import GATEWAY_ID, ROBOTS, Fleet
+from otad.demo.procs import BIN
+from otad.demo.releases import StepFailed, generate_key
+from otad.demo.story import BAD, GOOD, OUTAGE_S, Story
+
+PLAN = f"""otad demo: a fleet on this machine (loopback only, no root)
+  1. start otad-dashboard, one otad-gateway ({GATEWAY_ID}), and {len(ROBOTS)} robots ({', '.join(ROBOTS)}),
+     each an otad-robot with its telemetry-agent; the gateway reaches the dashboard through a
+     WAN the demo can cut, the robots reach the gateway over a site network of 2 MiB/s
+  2. build, sign and publish {GOOD[0]} with a key generated now (ci/build-release); watch every robot install it
+  3. the same for {GOOD[1]}
+  4. publish {BAD}, whose self-test fails: every robot rolls back to {GOOD[1]} and blacklists {BAD}
+  5. take the WAN down for {OUTAGE_S:.0f}s: the gateway buffers telemetry; bring it back: the backlog flushes
+  6. print a summary; then the fleet stays up for you to explore, and Ctrl-C stops all of it"""
 
 
-def _step(title: str, argv: list[str], env: dict[str, str]) -> str:
-    print(f"\n== {title}\n$ {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    output = (result.stdout + result.stderr).strip()
-    if output:
-        print(output)
-    if result.returncode != 0:
-        raise SystemExit(f"demo: step failed: {title}")
-    return output
+class Interrupted(Exception):
+    pass
 
 
-def _write_app(root: Path, version: str) -> None:
-    for rel, text in SAMPLE_APP.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    for rel in ("bin/robot-app", "selftest"):
-        (root / rel).chmod(0o755)
-    (root / "VERSION").write_text(version + "\n")
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main() -> int:
-    bin_dir = Path(sys.executable).parent
-    repo = Path(__file__).resolve().parents[2]
+    once = os.environ.get("DEMO_ONCE") == "1"
+    port = int(os.environ.get("DEMO_PORT", "0") or 0)
     work = Path(tempfile.mkdtemp(prefix="otad-demo-"))
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "COSIGN_PASSWORD": "demo"}
-    release = str(bin_dir / "otad-release")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "COSIGN_PASSWORD": "demo"}
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    fleet: Fleet | None = None
+    story_ok = False
     try:
-        print(f"otad demo: building a signed release of a sample robot app in {work}")
-        app, out, ota = work / "app", work / "out", work / "ota"
-        _write_app(app, "1.0.0")
-        _step("generate a cosign-compatible signing key", [release, "keygen", "--output-prefix", str(work / "demo")], env)
-        env["COSIGN_KEY"] = str(work / "demo.key")
-        _step("CI: build, sign, verify and publish (ci/build-release)", [str(repo / "ci" / "build-release"), str(app), str(out), str(ota)], env)
-        _step("gateway/robot view: verify the published release offline", [release, "verify", "--key", str(work / "demo.pub"), "--manifest", str(ota / "manifest.json")], env)
-        tampered = work / "tampered.tar.gz"
-        data = bytearray((ota / "app-v1.0.0.tar.gz").read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        tampered.write_bytes(bytes(data))
-        print("\n== a tampered copy (one byte flipped) must be refused")
-        check = subprocess.run(
-            [release, "verify", "--key", str(work / "demo.pub"), "--bundle", str(ota / "app-v1.0.0.tar.gz.bundle"), str(tampered)],
-            env=env, capture_output=True, text=True,
-        )
-        print(check.stderr.strip() or check.stdout.strip())
-        if check.returncode != 1:
-            raise SystemExit("demo: a tampered artifact was not refused")
-        print("\n== what the dashboard's OTA folder now holds")
-        for path in sorted(ota.iterdir()):
-            print(f"  {path.name:32} {path.stat().st_size:>8} bytes")
-        print("\n" + (ota / "manifest.json").read_text())
-        print("demo: OK")
-        return 0
+        print(PLAN)
+        print(f"\nstate, configs and logs: {work}", flush=True)
+        key, pub = generate_key(work / "demo-release", env)
+        fleet = Fleet(work, pub, env, port)
+        fleet.start()
+        print(f"\nfleet status page: {fleet.dashboard.url}/status  (data: {fleet.dashboard.url}/status.json)", flush=True)
+        story = Story(fleet, work, key, env)
+        story_ok = story.run()
+        story.summary(story_ok)
+        if once:
+            return 0 if story_ok else 1
+        print(f"\nfleet running until Ctrl-C: {fleet.dashboard.url}/status  (logs in {work / 'logs'})", flush=True)
+        reported: set[str] = set()
+        while True:
+            time.sleep(1)
+            for dead in set(fleet.dead()) - reported:
+                print(f"demo: {dead} stopped; see {work / 'logs'}", flush=True)
+                reported.add(dead)
+    except Interrupted as stop:
+        print(f"\ndemo: {stop} received, stopping the fleet", flush=True)
+        return 0 if story_ok else 130
+    except StepFailed as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # a daemon that did not start
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
     finally:
+        # A second Ctrl-C must not cut the cleanup short; it is bounded anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if fleet is not None:
+            forced = fleet.stop()
+            print(f"demo: stopped {len(fleet.children)} processes"
+                  + (f" ({', '.join(forced)} needed SIGKILL)" if forced else ""), flush=True)
         if os.environ.get("DEMO_KEEP") == "1":
             print(f"demo: kept {work}")
         else:

@@ -1,7 +1,8 @@
-"""A TCP fault proxy between two real processes: cut after N bytes, stall, refuse.
+"""A TCP fault proxy between two real processes: cut after N bytes, stall, refuse, throttle.
 
-Used by `make demo` to take the WAN down on loopback without root, and by the
-tests. It runs in the calling process on 127.0.0.1. It counts the bytes that flow from the
+Used by `make demo` to take the WAN down on loopback without root (and to give
+the site network a finite speed, so a download takes long enough to watch), and
+by the tests. It runs in the calling process on 127.0.0.1. It counts the bytes that flow from the
 upstream server to the client, so a test can prove a resumed download did not
 fetch the file again from the start.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 
 
 class FaultProxy:
@@ -25,6 +27,7 @@ class FaultProxy:
         self.cuts_done = 0
         self.stalled = threading.Event()
         self.refusing = False
+        self.rate: int | None = None  # upstream -> client bytes per second, per connection
         self._closing = False
         self._conns: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
@@ -34,6 +37,10 @@ class FaultProxy:
     def cut_connections(self, count: int, after_bytes: int) -> None:
         with self.lock:
             self.cuts_left, self.cut_after = count, after_bytes
+
+    def throttle(self, bytes_per_second: int | None) -> None:
+        """Limit each connection's upstream -> client flow (None: as fast as loopback goes)."""
+        self.rate = bytes_per_second
 
     def stall(self) -> None:
         self.stalled.set()
@@ -83,13 +90,14 @@ class FaultProxy:
             if budget is not None:
                 self.cuts_left -= 1
         sent = 0
+        paced_until = 0.0  # when the bytes sent so far may have left at self.rate
         try:
             while True:
                 readable, _, _ = select.select([client, server], [], [], 0.2)
                 if self._closing:
                     return
                 for sock in readable:
-                    data = sock.recv(65536)
+                    data = sock.recv(16384 if self.rate else 65536)
                     if not data:
                         return
                     if sock is server:
@@ -104,6 +112,7 @@ class FaultProxy:
                             return
                         client.sendall(data)
                         sent += len(data)
+                        paced_until = self._pace(len(data), paced_until)
                         with self.lock:
                             self.downstream_bytes += len(data)
                     else:
@@ -113,6 +122,17 @@ class FaultProxy:
         finally:
             _close(client)
             _close(server)
+
+    def _pace(self, size: int, paced_until: float) -> float:
+        """Sleep so this connection averages self.rate; idle time earns no burst."""
+        rate = self.rate
+        if not rate:
+            return 0.0
+        now = time.monotonic()
+        paced_until = max(paced_until, now) + size / rate
+        if paced_until > now:
+            time.sleep(min(paced_until - now, 1.0))
+        return paced_until
 
 
 def _close(sock: socket.socket) -> None:
