@@ -43,6 +43,8 @@ def decode_body(body: bytes, encoding: str | None) -> bytes:
         raise IngestError("body is not valid gzip") from None
     if len(data) > MAX_JSON_BYTES or inflater.unconsumed_tail:
         raise IngestError(f"decompressed body is larger than {MAX_JSON_BYTES} bytes", 413)
+    if not inflater.eof:
+        raise IngestError("body is not valid gzip (the stream is truncated)")
     return data
 
 
