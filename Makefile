@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check test test-bookworm interop-js bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean
+.PHONY: all demo check test test-bookworm interop-js browser-deps bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean
 
 all: check
 
@@ -34,7 +34,17 @@ interop-js:
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m otad.demo
 
-test: $(VENV)/.installed interop-js
+# Headless Chromium for the /status page browser test (tests/test_status_browser.py).
+# Installed with apt when we are root; otherwise the test skips and says why.
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+	  echo "could not install chromium: the status page browser test will be skipped"; \
+	else echo "chromium not found (installing it needs root and apt-get): the status page browser test will be skipped"; fi
+
+test: $(VENV)/.installed interop-js browser-deps
 	$(VENV)/bin/python -m pytest
 
 test-bookworm: $(VENV_BOOKWORM)/.installed interop-js

@@ -414,3 +414,54 @@ def test_the_wsgi_application_runs_under_another_server(site, monkeypatch, tmp_p
         server.shutdown()
         server.server_close()
         application.close()
+
+
+# -- the status page: robots' text is hostile input ---------------------------------------
+
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;'
+
+
+def test_the_status_page_escapes_what_robots_send(tmp_path, keypair):
+    """A self-test's output reaches the page as an event's detail: it must show as text, never as markup."""
+    import html
+
+    from fleet import Site, event, metric, post_records, write_tokens
+
+    site = Site(tmp_path, *keypair)
+    tokens = write_tokens(tmp_path, ["r1"])
+    site.start_dashboard(TOKENS_FILE=tokens["dashboard"])
+    try:
+        gw = site.gateway(TOKEN_FILE=tokens["gateway_own"], ROBOT_TOKENS_FILE=tokens["robots"]).start()
+        records = [metric("r1", 1), {**event("r1", 2, "rolled_back"), "detail": HOSTILE}]
+        assert post_records(gw.url, "r1", records).status_code == 200
+        doc = wait_until(lambda: (d := requests.get(f"{site.dashboard.url}/status.json", timeout=5).json())["events"] and d,
+                         20, "the event at the dashboard")
+        assert doc["events"][0]["detail"] == HOSTILE
+        page = requests.get(f"{site.dashboard.url}/status", timeout=5)
+        assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert html.escape(HOSTILE) in page.text
+        assert "<script>" not in page.text and "<img" not in page.text
+    finally:
+        site.stop_all()
+
+
+def test_status_markup_escapes_every_field_even_ids():
+    """Ids are validated at ingest today; the page must not depend on that (another store may not)."""
+    import json
+
+    from otad.dashboard.status import render_status, status_document
+
+    bad = '"><svg onload=alert(1)>'
+    now = 1_800_000_000.0
+    summary = {
+        "gateways": [{"gateway_id": bad, "last_seen": now - 5, "backlog": 3, "dropped": 0}],
+        "robots": [{"robot_id": bad, "gateway_id": bad, "last_seen": now - 1, "ts": "x", "version": bad, "health": bad,
+                    "cpu": 1.0, "mem": 2.0, "boot_id": "b", "last_seq": 1, "records": 1}],
+        "events": [{"robot_id": bad, "gateway_id": bad, "ts": bad, "received": now - 2, "type": "event",
+                    "body": json.dumps({"event": bad, "version": bad, "detail": bad})}],
+        "versions": {bad: 1},
+    }
+    history = {bad: [{"received": now - 30, "body": json.dumps({"cpu": 50.0, "mem": 20.0})}]}
+    page = render_status(status_document(summary, now, history)).decode()
+    assert "<svg onload" not in page
+    assert page.count("&quot;&gt;&lt;svg onload=alert(1)&gt;") >= 6  # robot, gateway, version, health, event, detail

@@ -261,7 +261,7 @@ def _event_rows(doc: dict) -> str:
         detail = event.get("detail") or (f"{event['dropped']} metrics dropped by the gateway buffer" if event["type"] == "gap" else "")
         bad = kind in BAD_EVENTS or event["type"] == "gap"
         rows.append(
-            (f'<tr class="bad">' if bad else "<tr>")
+            ('<tr class="bad">' if bad else "<tr>")
             + _td("time", escape(_when(str(event["ts"]))), "time")
             + _td("robot", escape(str(event.get("robot_id") or event.get("gateway_id") or "")), "id")
             + _td("event", f'<span class="ev k-{escape(kind)}">{event_mark(kind, kind)} {escape(kind)}</span>', "event")
