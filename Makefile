@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check test test-bookworm interop-js browser-deps bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean
+.PHONY: all demo check test test-bookworm interop-js browser-deps bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check
 
 all: check
 
@@ -50,7 +50,18 @@ test: $(VENV)/.installed interop-js browser-deps
 test-bookworm: $(VENV_BOOKWORM)/.installed interop-js
 	$(VENV_BOOKWORM)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
 
-check: test test-bookworm
+check: test test-bookworm deb-check
+
+# Debian packages, built from a clean copy of the tree into build/deb/
+# (tests/deb/build-debs.sh; installs missing build dependencies as root).
+deb:
+	tests/deb/build-debs.sh build/deb
+
+# The packages installed with apt into a clean Debian bookworm booted under
+# systemd-nspawn, and exercised there (tests/deb/deb_check.py). Needs root;
+# without root or systemd-nspawn it prints SKIPPED and why.
+deb-check:
+	$(PYTHON) tests/deb/deb_check.py
 
 # Benchmarks measure against reference tools in the same run (docs/benchmarks.md).
 # They are not tests: they print ratios and PASS/MISS and always exit 0.
