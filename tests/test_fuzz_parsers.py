@@ -311,8 +311,14 @@ def test_fuzz_bearer_tokens():
 
 
 # -- findings stay fixed ---------------------------------------------------------------------------
+def check_range_file(data: bytes) -> None:
+    header, size = data.decode().split("\n")[:2]  # the Range header, then the file size
+    check_range((header, int(size)))
+    check_plan(("GET", {"Range": header}, int(size)))
+
+
 PARSERS = {"manifest": check_manifest, "bundle": check_bundle, "checksum": check_checksum, "records": check_batch,
-           "gzip": check_gzip, "config": check_config}
+           "gzip": check_gzip, "config": check_config, "range": check_range_file}
 
 
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*")), ids=lambda p: p.name)

@@ -90,7 +90,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
         return None
     if not first:  # suffix range: the last N bytes
         suffix = int(last)
-        if suffix == 0:
+        if suffix == 0 or size == 0:  # (fuzzing) the last N bytes of an empty file: none to send
             return "unsatisfiable"
         start = max(0, size - suffix)
         return start, size - start
