@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check test test-bookworm interop-js browser-deps bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check
+.PHONY: all demo check test test-bookworm interop-js browser-deps tls-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check
 
 all: check
 
@@ -44,10 +44,26 @@ browser-deps:
 	  echo "could not install chromium: the status page browser test will be skipped"; \
 	else echo "chromium not found (installing it needs root and apt-get): the status page browser test will be skipped"; fi
 
-test: $(VENV)/.installed interop-js browser-deps
+# nginx (Debian's nginx-light) terminates TLS in front of the dashboard in tests/test_tls.py,
+# as an operator's would (docs/security.md). Installed with apt when we are root; else those tests skip.
+tls-deps:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light; } || \
+	  echo "could not install nginx-light: the nginx TLS tests will be skipped"; \
+	else echo "nginx not found (installing it needs root and apt-get): the nginx TLS tests will be skipped"; fi
+
+test: $(VENV)/.installed interop-js browser-deps tls-deps
 	$(VENV)/bin/python -m pytest
 
-test-bookworm: $(VENV_BOOKWORM)/.installed interop-js
+# Longer fuzzing of every parser (tests/test_fuzz_parsers.py): FUZZ_SECONDS per parser, fresh
+# random seeds, examples kept in .hypothesis/. `make check` runs the short deterministic pass.
+FUZZ_SECONDS ?= 60
+fuzz: $(VENV)/.installed
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz_parsers.py
+
+test-bookworm: $(VENV_BOOKWORM)/.installed interop-js tls-deps
 	$(VENV_BOOKWORM)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 check: test test-bookworm deb-check
