@@ -81,6 +81,9 @@ class Worker:
                 self._etag = fetched.etag  # _consider clears it to retry a failed version
                 self._consider(fetched.body)
         except TransportError as exc:
+            # The manifest's ETag is already noted: a download cut after it would otherwise
+            # never be resumed (every later poll answered 304) until the gateway's manifest changes.
+            self._etag = None
             delay = min(self._backoff.failure(), self.settings.backoff_max)
             log.warning("gateway unreachable, retrying in %.0fs: %s", delay, exc)
             return delay
