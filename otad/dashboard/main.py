@@ -56,8 +56,10 @@ class JsonErrorTask(ErrorTask):
         error = self.request.error
         body = (json.dumps({"error": f"{error.reason}: {error.body}"[:300]}) + "\n").encode()
         self.status = f"{error.code} {error.reason}"
-        self.response_headers.extend([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-        self.set_close_on_finish()
+        # waitress 2.1 (bookworm) has no set_close_on_finish(): do what it does, for both versions.
+        self.response_headers.extend([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                      ("Connection", "close")])
+        self.close_on_finish = True
         self.content_length = len(body)
         self.write(body)
 

@@ -26,7 +26,8 @@ from otad.errors import ConfigError
 
 # Debian's (and most distributions') system bundle; requests from PyPI would use certifi's.
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-_SSL_REASON = re.compile(r"\[SSL(?:: [A-Z0-9_]+)?\][^'\")]*|certificate verify failed[^'\")]*|hostname [^'\")]*mismatch[^'\")]*")
+_HOSTNAME_MISMATCH = re.compile(r"hostname '[^']{0,255}' doesn't match [^)\"]{0,300}")
+_SSL_REASON = re.compile(r"certificate verify failed[^'\")]*|hostname [^'\")]*mismatch[^'\")]*")
 
 
 def system_ca_bundle() -> str | bool:
@@ -125,5 +126,17 @@ def plain_http_warning(url: str, setting: str) -> str | None:
 
 def describe_tls_error(exc: BaseException) -> str:
     """The useful part of a requests/urllib3 SSLError, e.g. 'certificate verify failed: ...'."""
-    match = _SSL_REASON.search(str(exc))
-    return match[0].strip()[:160] if match else ""
+    text = str(exc)
+    # urllib3 1.26 checks the host name itself and says so in its own words.
+    old_style = _HOSTNAME_MISMATCH.search(text)
+    if old_style:
+        return f"certificate verify failed: {old_style[0]}"[:160]
+    start = text.find("[SSL")
+    if start < 0:
+        match = _SSL_REASON.search(text)
+        return match[0].strip()[:160] if match else ""
+    # The reason sits in a repr'd string: it ends at that string's own quote.
+    quote = text[start - 1] if start and text[start - 1] in "'\"" else ""
+    end = text.find(quote, start) if quote else -1
+    reason = text[start:end if end > 0 else len(text)]
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", reason).strip()[:160]
