@@ -21,6 +21,7 @@ GOOD = {
     "checksum": "app-v1.2.3.sha256",
     "signature": "cosign",
     "created": "2026-01-02T03:04:05Z",
+    "expires": "2026-02-01T03:04:05Z",
 }
 
 
@@ -31,6 +32,9 @@ def encode(doc) -> bytes:
 def test_good_manifest_parses_and_ignores_unknown_fields():
     manifest = parse_manifest(encode({**GOOD, "future_field": {"x": 1}}))
     assert manifest.version == "1.2.3" and manifest.size == 10
+    assert manifest.allow_downgrade is False  # optional, off unless the signer says so
+    assert manifest.expires_epoch == 1769915045.0
+    assert parse_manifest(encode({**GOOD, "allow_downgrade": True})).allow_downgrade is True
     assert manifest.files == ("app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "app-v1.2.3.sha256")
 
 
@@ -65,6 +69,10 @@ def test_each_missing_field_is_named(field):
         ("created", "2026-13-02T03:04:05Z", "not a valid date"),
         ("name", "", "'name'"),
         ("name", "a" * 65, "'name'"),
+        ("expires", "2026-02-01", "'expires'"),
+        ("expires", "2026-02-30T00:00:00Z", "not a valid date"),
+        ("allow_downgrade", "yes", "'allow_downgrade'"),
+        ("allow_downgrade", 1, "'allow_downgrade'"),
     ],
 )
 def test_bad_values_are_named(field, value, reason):

@@ -43,7 +43,7 @@ def verify_manifest(out: Path, pub: Path):
 def test_ci_build_release_verifies(release):
     out, pub = release
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["app-v1.2.3.sha256", "app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "manifest.json"]
+    assert names == ["app-v1.2.3.sha256", "app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "manifest.json", "manifest.json.bundle"]
     manifest = json.loads((out / "manifest.json").read_text())
     artifact = (out / "app-v1.2.3.tar.gz").read_bytes()
     assert manifest["version"] == "1.2.3"
@@ -107,7 +107,11 @@ def test_manifest_sha256_that_lies_is_rejected(release):
     doc = json.loads(path.read_text())
     doc["sha256"] = ("0" if doc["sha256"][0] != "0" else "1") + doc["sha256"][1:]
     path.write_text(json.dumps(doc))
-    # The checksum file (from the same build) disagrees with the edited manifest.
+    # The edited manifest no longer matches its signature.
+    assert_one_line_error(verify_manifest(out, pub), "manifest signature", "does not match")
+    # Re-signed with the release key (the signer lies): the checksum file from the build disagrees.
+    key = pub.with_suffix(".key")
+    assert otad_release("sign", "--key", str(key), "--bundle", str(out / "manifest.json.bundle"), str(path)).returncode == 0
     assert_one_line_error(verify_manifest(out, pub), "checksum file's sha256 differs")
     (out / "app-v1.2.3.sha256").write_text(f"{doc['sha256']}  app-v1.2.3.tar.gz\n")
     assert_one_line_error(verify_manifest(out, pub), "sha256 is", "manifest says")
@@ -216,7 +220,8 @@ def test_publish_copies_artifacts_and_keeps_older_versions(tmp_path, keypair):
         assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in ota.iterdir())
     assert names == sorted(
-        [f"app-v{v}{s}" for v in ("1.0.0", "1.1.0") for s in (".tar.gz", ".tar.gz.bundle", ".sha256")] + ["manifest.json"]
+        [f"app-v{v}{s}" for v in ("1.0.0", "1.1.0") for s in (".tar.gz", ".tar.gz.bundle", ".sha256")]
+        + ["manifest.json", "manifest.json.bundle"]
     )
     assert json.loads((ota / "manifest.json").read_text())["version"] == "1.1.0"
     assert verify_manifest(ota, pub).returncode == 0
@@ -262,8 +267,8 @@ def test_publish_writes_the_manifest_last(release, tmp_path):
     finally:
         notifier.stop()
     visible = [name for mask, name in appeared if mask == "IN_MOVED_TO"]
-    assert visible[-1] == "manifest.json"
-    assert set(visible[:-1]) == {"app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "app-v1.2.3.sha256"}
+    assert visible[-2:] == ["manifest.json.bundle", "manifest.json"]  # never a manifest without its signature
+    assert set(visible[:-2]) == {"app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "app-v1.2.3.sha256"}
     # Nothing ever appeared under a final name by being written in place.
     assert all(name.startswith(".") for mask, name in appeared if mask == "IN_CLOSE_WRITE")
 

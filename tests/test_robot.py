@@ -114,7 +114,7 @@ def test_robot_verifies_for_itself(site, tmp_path):
     site.publish(site.build("2.0.0", key=stranger.with_suffix(".key")))
     wait_for_version(rogue.url, "2.0.0")
     robot2 = site.robot(rogue.url, name="robot2").start(wait_listening=False)
-    robot2.wait_for_log(r"rejected app 2\.0\.0: signed by an unknown key")
+    robot2.wait_for_log(r"rejected app 2\.0\.0: manifest signature: signed by an unknown key")
     assert not (app_dir(site, "robot2") / "releases" / "2.0.0").exists()
     # The robot talking straight to the dashboard, where an artifact was changed after publishing.
     out = site.build("3.0.0")

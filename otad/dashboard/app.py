@@ -28,6 +28,8 @@ log = logging.getLogger("otad.dashboard")
 CHUNK = 256 * 1024
 ALLOW = "GET, HEAD"
 MANIFEST_ROUTES = ("/manifest", "/ota/manifest.json")
+# The manifest's signature, from the same in-memory pair as /manifest (never from disk alone).
+MANIFEST_BUNDLE_ROUTES = ("/manifest.bundle", "/ota/manifest.json.bundle")
 OTA_PREFIX = "/ota/"
 _CONTENT_TYPES = {".json": "application/json", ".sha256": "text/plain; charset=us-ascii", ".gz": "application/gzip"}
 
@@ -102,15 +104,15 @@ class DashboardApp:
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(page))),
                                       ("Cache-Control", "no-store")])
             return [] if method == "HEAD" else [page]
-        if not (path in MANIFEST_ROUTES or path == "/healthz" or path.startswith(OTA_PREFIX)):
+        if not (path in MANIFEST_ROUTES or path in MANIFEST_BUNDLE_ROUTES or path == "/healthz" or path.startswith(OTA_PREFIX)):
             return error_response(start_response, 404, "not found", method)
         if method not in ("GET", "HEAD"):
             body = {"error": f"method {method[:20]} is not allowed here"}
             return _json(start_response, 405, body, method, [("Allow", ALLOW)])
         if path == "/healthz":
             return self._healthz(method, start_response)
-        if path in MANIFEST_ROUTES:
-            return self._manifest(method, environ, start_response)
+        if path in MANIFEST_ROUTES or path in MANIFEST_BUNDLE_ROUTES:
+            return self._manifest(method, environ, start_response, bundle=path in MANIFEST_BUNDLE_ROUTES)
         return self._file(method, path[len(OTA_PREFIX):], environ, start_response)
 
     def _metrics(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -137,15 +139,18 @@ class DashboardApp:
         body = {"status": "ok", "version": __version__, "release": release}
         return _json(start_response, 200, body, method, [("Cache-Control", "no-store")])
 
-    def _manifest(self, method: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    def _manifest(self, method: str, environ: Environ, start_response: StartResponse, bundle: bool = False) -> Iterable[bytes]:
         current = self.ota.current()
         if current is None:
             return error_response(start_response, 404, "no release published yet", method)
-        plan = plan_response(method, RequestHeaders(environ), current.validators)
+        data, validators = (current.bundle, current.bundle_validators) if bundle else (current.data, current.validators)
+        if data is None or validators is None:
+            return error_response(start_response, 404, "the published manifest is not signed (no manifest.json.bundle)", method)
+        plan = plan_response(method, RequestHeaders(environ), validators)
         headers = [("Content-Type", "application/json"), ("Cache-Control", "no-cache"), *plan.headers]
         if plan.status in (200, 206):
             start_response(_status(plan.status), headers)
-            return [] if method == "HEAD" else [current.data[plan.start:plan.start + plan.length]]
+            return [] if method == "HEAD" else [data[plan.start:plan.start + plan.length]]
         return _planned_without_body(start_response, plan, headers, method)
 
     def _file(self, method: str, tail: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

@@ -6,6 +6,11 @@ by an inotify watch on the folder (pyinotify) or, where inotify is unavailable,
 by comparing manifest.json's (inode, mtime, size) on each request that needs
 the manifest. Either way a new manifest is parsed with the one manifest reader
 before it replaces the current one: a malformed file is logged and ignored.
+
+manifest.json.bundle (its signature) is read together with it and served as
+one pair from memory: publish renames the bundle in first, and a bundle that
+names another manifest's digest (a publish half done) is not paired with it.
+The dashboard holds no keys; gateways verify the pair.
 """
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ from pathlib import Path
 
 from otad.errors import ConfigError, MalformedMetadata
 from otad.transfer.http import Validators, content_etag
+from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest
 
-MANIFEST = "manifest.json"
 log = logging.getLogger("otad.dashboard")
 
 try:
@@ -39,7 +45,7 @@ except Exception as exc:  # ImportError, or no inotify on this platform
     pyinotify = None
     _INOTIFY_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-StatKey = tuple[int, int, int]
+StatKey = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class Published:
     data: bytes
     validators: Validators
     manifest: Manifest
+    bundle: bytes | None = None  # manifest.json.bundle; None: the manifest is unsigned
+    bundle_validators: Validators | None = None
 
     @property
     def label(self) -> str:
@@ -79,7 +87,7 @@ class OtaFolder:
 
     def refresh(self, force: bool = False) -> None:
         """Re-read manifest.json if it changed since last seen (always, if forced)."""
-        if not force and _stat_key(self.root / MANIFEST) == self._seen:
+        if not force and self._stat_key() == self._seen:
             return
         with self._lock:
             self._load()
@@ -101,33 +109,53 @@ class OtaFolder:
             log.warning("cannot watch %s with inotify (%s); checking %s by stat", self.root, exc, MANIFEST)
             return None
 
+    def _stat_key(self) -> StatKey:
+        return (_stat_key(self.root / MANIFEST), _stat_key(self.root / MANIFEST_BUNDLE))
+
     def _load(self) -> None:
-        """Read manifest.json and switch to it if it is valid. Caller holds the lock."""
+        """Read manifest.json and its bundle and switch to them if valid. Caller holds the lock."""
         path = self.root / MANIFEST
+        seen = self._stat_key()
         try:
-            data, st = _read_manifest(path)
+            data, st = _read_manifest(path, MAX_MANIFEST_BYTES)
         except FileNotFoundError:
-            self._seen = None
+            self._seen = seen
             if self._current is not None:
                 log.warning("%s was removed; no release is served until the next publish", path)
             self._current = None
             return
         except OSError as exc:
             # Remember the key anyway: the stat fallback must not log this on every request.
-            self._seen = _stat_key(path)
+            self._seen = seen
             log.error("cannot read %s (%s); %s", path, exc.strerror or exc, self._still_serving())
             return
-        self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._current is not None and data == self._current.data:
+        self._seen = seen
+        bundle, bundle_st = self._read_bundle()
+        if self._current is not None and data == self._current.data and bundle == self._current.bundle:
             return
         try:
             manifest = parse_manifest(data)
         except MalformedMetadata as exc:
             log.error("ignoring malformed %s: %s; %s", path, exc, self._still_serving())
             return
+        if bundle is not None and bundle_names_manifest(data, bundle) is False:
+            # Publish renames the bundle in before the manifest: wait for the manifest.
+            log.info("%s names another manifest than %s (publish in progress?); %s", MANIFEST_BUNDLE, MANIFEST, self._still_serving())
+            return
         etag = content_etag(hashlib.sha256(data).hexdigest())
-        self._current = Published(data, Validators(len(data), etag, int(st.st_mtime)), manifest)
+        bundle_validators = None
+        if bundle is not None:
+            bundle_validators = Validators(len(bundle), content_etag(hashlib.sha256(bundle).hexdigest()), int(bundle_st.st_mtime))
+        else:
+            log.warning("%s has no %s: gateways will refuse the unsigned manifest", path, MANIFEST_BUNDLE)
+        self._current = Published(data, Validators(len(data), etag, int(st.st_mtime)), manifest, bundle, bundle_validators)
         log.info("serving %s %s (manifest ETag %s)", manifest.name, manifest.version, etag)
+
+    def _read_bundle(self) -> tuple[bytes | None, os.stat_result | None]:
+        try:
+            return _read_manifest(self.root / MANIFEST_BUNDLE, MAX_BUNDLE_BYTES)
+        except OSError:
+            return None, None
 
     def _still_serving(self) -> str:
         return f"still serving {self._current.label}" if self._current else "no release is served yet"
@@ -157,7 +185,7 @@ class _Watcher:
                 # The folder itself went away (deleted, unmounted): no more events will come.
                 self.alive = False
                 log.warning("inotify watch on %s ended; checking %s by stat from now on", self._root, MANIFEST)
-            elif event.mask & pyinotify.IN_Q_OVERFLOW or event.name == MANIFEST:
+            elif event.mask & pyinotify.IN_Q_OVERFLOW or event.name in (MANIFEST, MANIFEST_BUNDLE):
                 self._on_change()
         except Exception as exc:  # the watcher thread must survive anything
             log.error("handling an inotify event failed: %s: %s", type(exc).__name__, exc)
@@ -185,11 +213,11 @@ def _stat_key(path: Path) -> StatKey | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _read_manifest(path: Path) -> tuple[bytes, os.stat_result]:
+def _read_manifest(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
     # O_NONBLOCK: a FIFO dropped in under this name must not hang the dashboard.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with open(fd, "rb") as stream:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(0, "not a regular file")
-        return stream.read(MAX_MANIFEST_BYTES + 1), st
+        return stream.read(limit + 1), st

@@ -1,8 +1,9 @@
 """The gateway's release cache: only verified releases, bounded, crash-safe.
 
 Layout under CACHE_DIR:
-    manifest.json          the manifest robots see (the dashboard's exact bytes)
-    versions/<v>.json      the manifest of each cached, verified version
+    manifest.json          the manifest robots see (the dashboard's exact bytes); names the active version
+    versions/<v>.json      each cached, verified version: {"manifest": b64, "manifest_bundle": b64},
+                           the signed manifest and its bundle as one file, so they never disagree
     files/<name>           artifacts, bundles and checksum files of those versions
     partial/<name>.part    downloads in progress (+ .part.meta), never served
 
@@ -10,24 +11,29 @@ A version exists only once its `versions/<v>.json` exists, and that file is
 written after the version's files are complete and fsynced; `manifest.json`
 is replaced last. So after a crash at any instant the cache holds only
 verified releases, plus orphans and parts that GC or the next download clean up.
+Robots get the manifest and bundle of the active version's `versions/<v>.json`.
 Readers (the edge server's threads) take `snapshot`, an immutable view that is
 swapped whole, so they never see a half-updated cache.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otad.errors import OtadError
+from otad.errors import MalformedMetadata, OtadError
 from otad.fsutil import atomic_write_bytes, fsync_dir
 from otad.semver import Version
 from otad.transfer.http import Validators, content_etag
 from otad.trust.digest import FileDigest
 from otad.trust.manifest import Manifest, parse_manifest
+from otad.trust.metadata import verify_manifest
 from otad.trust.verify import TrustAnchors, verify_artifact
 
 log = logging.getLogger("otad.gateway")
@@ -44,6 +50,7 @@ class ServedFile:
 class CachedRelease:
     manifest: Manifest
     manifest_bytes: bytes
+    manifest_bundle: bytes
     files: dict[str, ServedFile]
 
     @property
@@ -57,6 +64,7 @@ class Snapshot:
     active: CachedRelease | None = None
     manifest_validators: Validators | None = None
     files: dict[str, ServedFile] = field(default_factory=dict)
+    bundle_validators: Validators | None = None
 
     @property
     def size(self) -> int:
@@ -89,18 +97,21 @@ class Cache:
                 releases[release.manifest.version] = release
         active = None
         try:
-            active_bytes = (self.root / MANIFEST).read_bytes()
-            version = parse_manifest(active_bytes).version
-            if version in releases and releases[version].manifest_bytes == active_bytes:
-                active = releases[version]
+            # Only the version counts: a crash between re-writing versions/<v>.json (a
+            # re-signed manifest of the same version) and manifest.json leaves them differing.
+            active = releases.get(parse_manifest((self.root / MANIFEST).read_bytes()).version)
         except (OSError, OtadError):
             pass
         self._publish(releases, active)
 
     def _load_release(self, entry: Path) -> CachedRelease | None:
         try:
-            data = entry.read_bytes()
-            manifest = parse_manifest(data)
+            data, manifest_bundle = _read_envelope(entry)
+            # Signature only, not expiry: what was verified fresh keeps being served (robots
+            # apply their own expiry and grace); a removed key stops it being served.
+            manifest = verify_manifest(data, manifest_bundle, self.anchors, now=None).manifest
+            if manifest.version != entry.stem:
+                raise MalformedMetadata(f"holds the manifest of {manifest.version}")
             artifact = self.files_dir / manifest.artifact
             bundle = (self.files_dir / manifest.bundle).read_bytes()
             checksum = (self.files_dir / manifest.checksum).read_bytes()
@@ -113,23 +124,24 @@ class Cache:
             log.warning("dropping cached release %s: %s", entry.stem, exc)
             _unlink(entry)
             return None
-        return self._describe(manifest, data, bundle, checksum)
+        return self._describe(manifest, data, manifest_bundle, bundle, checksum)
 
-    def _describe(self, manifest: Manifest, manifest_bytes: bytes, bundle: bytes, checksum: bytes) -> CachedRelease:
+    def _describe(self, manifest: Manifest, manifest_bytes: bytes, manifest_bundle: bytes, bundle: bytes, checksum: bytes) -> CachedRelease:
         files = {
             manifest.artifact: ServedFile(self.files_dir / manifest.artifact, _validators(self.files_dir / manifest.artifact, manifest.sha256)),
             manifest.bundle: ServedFile(self.files_dir / manifest.bundle, _validators(self.files_dir / manifest.bundle, hashlib.sha256(bundle).hexdigest())),
             manifest.checksum: ServedFile(self.files_dir / manifest.checksum, _validators(self.files_dir / manifest.checksum, hashlib.sha256(checksum).hexdigest())),
         }
-        return CachedRelease(manifest, manifest_bytes, files)
+        return CachedRelease(manifest, manifest_bytes, manifest_bundle, files)
 
     def _publish(self, releases: dict[str, CachedRelease], active: CachedRelease | None) -> None:
         files = {name: f for release in releases.values() for name, f in release.files.items()}
-        validators = None
+        validators = bundle_validators = None
         if active is not None:
-            st = (self.root / MANIFEST).stat()
-            validators = Validators(len(active.manifest_bytes), content_etag(hashlib.sha256(active.manifest_bytes).hexdigest()), int(st.st_mtime))
-        self.snapshot = Snapshot(releases, active, validators, files)
+            mtime = int((self.root / MANIFEST).stat().st_mtime)
+            validators = Validators(len(active.manifest_bytes), content_etag(hashlib.sha256(active.manifest_bytes).hexdigest()), mtime)
+            bundle_validators = Validators(len(active.manifest_bundle), content_etag(hashlib.sha256(active.manifest_bundle).hexdigest()), mtime)
+        self.snapshot = Snapshot(releases, active, validators, files, bundle_validators)
 
     # -- install ----------------------------------------------------------------
     def partial_path(self, name: str) -> Path:
@@ -142,7 +154,8 @@ class Cache:
                 return self.files_dir / manifest.artifact
         return None
 
-    def install(self, manifest: Manifest, manifest_bytes: bytes, artifact: Path, bundle: bytes, checksum: bytes) -> CachedRelease:
+    def install(self, manifest: Manifest, manifest_bytes: bytes, manifest_bundle: bytes, artifact: Path,
+                bundle: bytes, checksum: bytes) -> CachedRelease:
         """Move a verified release in; the robots' manifest.json changes last."""
         with self._lock:
             atomic_write_bytes(self.files_dir / manifest.bundle, bundle)
@@ -152,9 +165,9 @@ class Cache:
                 os.replace(artifact, target)
                 _unlink(artifact.with_name(artifact.name + ".meta"))
                 fsync_dir(self.files_dir)
-            atomic_write_bytes(self.versions_dir / f"{manifest.version}.json", manifest_bytes)
+            atomic_write_bytes(self.versions_dir / f"{manifest.version}.json", _envelope(manifest_bytes, manifest_bundle))
             atomic_write_bytes(self.root / MANIFEST, manifest_bytes)
-            release = self._describe(manifest, manifest_bytes, bundle, checksum)
+            release = self._describe(manifest, manifest_bytes, manifest_bundle, bundle, checksum)
             releases = {**self.snapshot.releases, manifest.version: release}
             self._publish(releases, release)
             return release
@@ -201,6 +214,19 @@ class Cache:
         for path in self.versions_dir.iterdir():
             if path.suffix != ".json" or path.stem not in releases:
                 _unlink(path)
+
+
+def _envelope(manifest_bytes: bytes, manifest_bundle: bytes) -> bytes:
+    doc = {"manifest": base64.b64encode(manifest_bytes).decode(), "manifest_bundle": base64.b64encode(manifest_bundle).decode()}
+    return json.dumps(doc).encode()
+
+
+def _read_envelope(path: Path) -> tuple[bytes, bytes]:
+    try:
+        doc = json.loads(path.read_bytes())
+        return base64.b64decode(doc["manifest"], validate=True), base64.b64decode(doc["manifest_bundle"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise MalformedMetadata("not a signed manifest record (written by an older otad?)") from None
 
 
 def _unlink(path: Path) -> None:

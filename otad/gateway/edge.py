@@ -1,12 +1,14 @@
 """The gateway's edge listener: what robots on edge_net talk to.
 
-GET/HEAD /manifest (alias /ota/manifest.json), GET/HEAD /ota/<file>, GET /healthz.
+GET/HEAD /manifest (alias /ota/manifest.json), /manifest.bundle (alias
+/ota/manifest.json.bundle), GET/HEAD /ota/<file>, GET /healthz.
 Only files of cached, verified releases are ever served: names are looked up
 in the cache snapshot, never joined onto a path from the request.
 """
 from __future__ import annotations
 
 import logging
+import ssl
 from urllib.parse import urlsplit
 
 from otad import __version__
@@ -15,7 +17,7 @@ from otad.gateway.cache import Cache
 from otad.telemetry.records import MAX_BODY_BYTES, RecordError, parse_batch
 from otad.telemetry.tokens import TokenTable, bearer
 from otad.transfer.files import safe_file_name
-from otad.transfer.server import Handler, Server
+from otad.transfer.server import Handler, Server, ServerLimits
 
 log = logging.getLogger("otad.gateway")
 CONTENT_TYPES = {".gz": "application/gzip", ".json": "application/json", ".bundle": "application/json"}
@@ -36,7 +38,8 @@ class Ingest:
         self.tokens = tokens
 
 
-def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest) -> Server:
+def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
+                     ssl_context: ssl.SSLContext | None = None, limits: ServerLimits | None = None) -> Server:
     class EdgeHandler(Handler):
         # TCP_NODELAY. A response goes out in two writes (headers, then body). With Nagle on, the
         # small body waits for the client's ACK of the headers, which a keep-alive client delays
@@ -86,7 +89,7 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest) -> 
                 self.close_connection = True
                 self.send_error_json(413, f"body is larger than {MAX_BODY_BYTES} bytes")
                 return
-            body = self.rfile.read(int(length))
+            body = self.read_body(int(length))
             try:
                 records = parse_batch(body)
             except RecordError as exc:
@@ -112,6 +115,12 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest) -> 
                     self.send_error_json(404, "no verified release cached yet")
                     return
                 self.send_bytes(snapshot.active.manifest_bytes, snapshot.manifest_validators, "application/json")
+            elif path in ("/manifest.bundle", "/ota/manifest.json.bundle"):
+                # The signature of the manifest above, from the same snapshot's release.
+                if snapshot.active is None or snapshot.bundle_validators is None:
+                    self.send_error_json(404, "no verified release cached yet")
+                    return
+                self.send_bytes(snapshot.active.manifest_bundle, snapshot.bundle_validators, "application/json")
             elif path.startswith("/ota/"):
                 name = safe_file_name(path[len("/ota/"):])
                 served = snapshot.files.get(name) if name else None
@@ -125,4 +134,4 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest) -> 
             else:
                 self.send_error_json(404, "not found")
 
-    return Server(address, EdgeHandler)
+    return Server(address, EdgeHandler, ssl_context, limits)

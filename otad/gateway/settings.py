@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otad.config import http_url, identifier, listen_address, optional_path, path, seconds, setting, whole
+from otad.errors import ConfigError
 from otad.keyconfig import trusted_keys
+from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
 
 DEFAULT_CONFIG = "/etc/otad/gateway.conf"
@@ -31,11 +33,25 @@ class GatewaySettings:
     backoff_max: int = setting(seconds, "300", "cap of the retry delay after network errors")
     connect_timeout: int = setting(seconds, "10")
     read_timeout: int = setting(seconds, "30", "a transfer with no progress for this long is cut")
+    min_rate: int = setting(whole(0), "4096", "bytes/s a transfer must keep up over each READ_TIMEOUT window; 0: off")
     telemetry_db: Path | None = setting(optional_path, "", "default: STATE_DIR/telemetry.db")
     telemetry_max_mb: int = setting(whole(1), "256", "buffer bound; oldest metrics dropped beyond it")
     forward_batch: int = setting(whole(1, 1000), "500")
     token_file: Path | None = setting(optional_path, "", "this gateway's token for the dashboard")
     robot_tokens_file: Path | None = setting(optional_path, "", "'robot_id token' lines")
+    # TLS (docs/security.md): towards the dashboard, and on the edge listener.
+    dashboard_ca_file: Path | None = setting(optional_path, "", "CA bundle for the dashboard's certificate; empty: system store")
+    client_cert: Path | None = setting(optional_path, "", "client certificate (PEM) for mutual TLS to the dashboard")
+    client_key: Path | None = setting(optional_path, "", "its private key (PEM, chmod 600)")
+    tls_cert: Path | None = setting(optional_path, "", "edge listener certificate (PEM); empty: plain HTTP to robots")
+    tls_key: Path | None = setting(optional_path, "", "its private key (PEM, chmod 600)")
+    tls_client_ca: Path | None = setting(optional_path, "", "require robot client certificates signed by this CA")
+    header_timeout: int = setting(seconds, "20", "a request's header section must arrive within this many seconds")
+
+    def check(self) -> None:
+        check_client_files(self.dashboard_ca_file, self.client_cert, self.client_key, "DASHBOARD_CA_FILE")
+        if self.tls_cert is None and (self.tls_key or self.tls_client_ca):
+            raise ConfigError("TLS_KEY/TLS_CLIENT_CA are set but TLS_CERT is not")
 
     @property
     def cache_path(self) -> Path:

@@ -1,5 +1,11 @@
 """The gateway's sync worker: poll the dashboard, download resumably, verify, cache, GC.
 
+A new manifest is accepted only with a valid manifest.json.bundle from a
+trusted key and while it has not expired; the release must then match it
+(size, sha256, checksum file, bundle digest, the archive's VERSION). Anything
+else is refused with one log line, and robots keep getting what is cached.
+A lower version is followed (a release manager may re-point a site to an
+older release); the robots' anti-rollback floor decides what they install.
 Runs in its own thread. Network trouble backs off exponentially (with jitter,
 capped at BACKOFF_MAX); a manifest whose release fails verification is not
 tried again until the dashboard publishes a different manifest or a long
@@ -17,9 +23,13 @@ from otad.errors import OtadError, TransportError, TrustError
 from otad.gateway.cache import Cache
 from otad.gateway.settings import GatewaySettings
 from otad.transfer.backoff import Backoff, RejectedManifests, jittered
-from otad.transfer.client import HttpClient, TransferLimits
+from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
+from otad.transfer.tls import client_tls
+from otad.trust import clock
+from otad.trust.archive_head import check_archive_version
 from otad.trust.bundle import MAX_BUNDLE_BYTES
-from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, parse_manifest
+from otad.trust.metadata import SignedManifest, describe_age, verify_manifest
 from otad.trust.verify import TrustAnchors, verify_artifact
 from otad.daemon import Heartbeat
 
@@ -49,6 +59,7 @@ class Syncer:
         self._backoff = Backoff()
         self._next_gc = 0.0
         self._pending_part: str | None = None
+        self._warned_expired: bytes | None = None
         self.apply(settings)
 
     def apply(self, settings: GatewaySettings) -> None:
@@ -56,9 +67,9 @@ class Syncer:
         self.settings = settings
         self.cache.anchors = TrustAnchors(cosign_keys=settings.trusted_keys)
         self._backoff.cap = settings.backoff_max
-        limits = TransferLimits(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+        limits = TransferLimits(settings.connect_timeout, settings.read_timeout, settings.min_rate)
         old = getattr(self, "client", None)
-        self.client = HttpClient(settings.dashboard_url, limits)
+        self.client = HttpClient(settings.dashboard_url, limits, tls=client_tls(settings, "dashboard_ca_file"))
         if old is not None:
             old.close()
         self._next_gc = 0.0  # new bounds apply now, not at the old interval's end
@@ -106,31 +117,48 @@ class Syncer:
         return delay
 
     def _poll(self) -> None:
-        fetched = self.client.get_small("/manifest", MAX_MANIFEST_BYTES, etag=self._etag)
-        if fetched.status == 304:
+        fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._etag)
+        active = self.cache.snapshot.active
+        if fetched.status == 304 or (active is not None and active.manifest_bytes == fetched.body):
+            self._etag = fetched.etag
+            self._warn_if_expired()
             return
         body = fetched.body
-        active = self.cache.snapshot.active
-        if active is not None and active.manifest_bytes == body:
-            self._etag = fetched.etag
-            return
         key = hashlib.sha256(body).hexdigest()
         if self._rejected.held(key, time.monotonic()):
             return
         try:
-            manifest = parse_manifest(body)
-            self._fetch_and_install(manifest, body)
+            signed, newest, manifest_bundle = self.client.verified_manifest(body, self._verify)
+            self._fetch_and_install(signed, newest, manifest_bundle)
         except TrustError as exc:
             self._reject(key, body, exc)
         self._etag = fetched.etag
 
+    def _verify(self, manifest_bytes: bytes, bundle: bytes) -> SignedManifest:
+        return verify_manifest(manifest_bytes, bundle, self.cache.anchors, clock.now())
+
+    def _warn_if_expired(self) -> None:
+        """The dashboard still publishes a manifest that has expired: robots accept it only within their grace."""
+        active = self.cache.snapshot.active
+        if active is None or active.manifest_bytes == self._warned_expired:
+            return
+        overdue = clock.now() - active.manifest.expires_epoch
+        if overdue > 0:
+            self._warned_expired = active.manifest_bytes
+            log.warning("the manifest of app %s being served expired at %s (%s ago): publish or re-sign a fresh one; "
+                        "robots accept it only within their MANIFEST_GRACE_S", active.manifest.version,
+                        active.manifest.expires, describe_age(overdue))
+
     def _reject(self, key: str, body: bytes, exc: TrustError) -> None:
         self._rejected.reject(key, time.monotonic())
         what = _describe(body)
-        log.warning("rejected %s: %s", what, exc)
+        active = self.cache.snapshot.active
+        keeping = f"; keeping app {active.manifest.version}" if active is not None else ""
+        log.warning("rejected %s: %s%s", what, exc, keeping)
         self._pending_part = None
 
-    def _fetch_and_install(self, manifest: Manifest, body: bytes) -> None:
+    def _fetch_and_install(self, signed: SignedManifest, body: bytes, manifest_bundle: bytes) -> None:
+        manifest = signed.manifest
         reason = self.cache.room_for(manifest.size, self.settings.cache_max_bytes)
         if reason is not None:
             raise CacheFull(reason)
@@ -149,15 +177,17 @@ class Syncer:
             observed = None
         try:
             verified = verify_artifact(artifact, manifest, bundle, self.cache.anchors, checksum_bytes=checksum, observed=observed)
+            check_archive_version(artifact, manifest.version)
         except TrustError:
             if artifact.name.endswith(".part"):
                 artifact.unlink(missing_ok=True)
                 artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
             raise
-        self.cache.install(manifest, body, artifact, bundle, checksum)
+        self.cache.install(manifest, body, manifest_bundle, artifact, bundle, checksum)
         self._pending_part = None
         self._gc_if_due(force=True)
-        log.info("verified %s %s (sha256 %s..., key %s); serving it to robots", manifest.name, manifest.version, verified.sha256[:12], verified.key)
+        log.info("verified %s %s (sha256 %s..., key %s; manifest signed by %s, expires %s); serving it to robots",
+                 manifest.name, manifest.version, verified.sha256[:12], verified.key, signed.key, manifest.expires)
 
     def _progress(self, received: int, total: int) -> None:
         self.state.received, self.state.total = received, total

@@ -1,11 +1,14 @@
 """`otad-release build` and `publish`: seed pipeline steps 2 to 6.
 
-build: package the app reproducibly, checksum it, sign it, write the manifest.
+build: package the app reproducibly, checksum it, sign it, write the manifest
+and sign the manifest (manifest.json.bundle, same signer as the artifact).
 publish: copy a built release into the dashboard's OTA folder so that a
-poller never sees a manifest whose files are missing or half written.
+poller never sees a manifest whose files are missing or half written: the
+artifacts first, then manifest.json.bundle, then manifest.json (each by rename).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ from otad.fsutil import atomic_copy, atomic_write_bytes, fsync_dir
 from otad.release.archive import write_archive
 from otad.release.signers import Signer
 from otad.semver import Version
-from otad.trust.digest import digest_file
+from otad.trust.digest import FileDigest, digest_file
 from otad.trust.manifest import (
     Manifest,
     parse_manifest,
@@ -23,9 +26,10 @@ from otad.trust.manifest import (
     render_manifest,
     utc_timestamp,
 )
+from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest, check_release_names
 from otad.trust.verify import check_checksum_file, check_digest
 
-MANIFEST = "manifest.json"
+DEFAULT_EXPIRES_DAYS = 30.0
 
 
 def source_date_epoch() -> int:
@@ -35,7 +39,8 @@ def source_date_epoch() -> int:
     return int(raw)
 
 
-def build_release(app_dir: str, version: str, name: str, out_dir: str, signer: Signer) -> Manifest:
+def build_release(app_dir: str, version: str, name: str, out_dir: str, signer: Signer,
+                  expires_in_days: float = DEFAULT_EXPIRES_DAYS, allow_downgrade: bool = False) -> Manifest:
     Version(version)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,13 +67,34 @@ def build_release(app_dir: str, version: str, name: str, out_dir: str, signer: S
         checksum=f"{name}-v{version}.sha256",
         signature=signer.kind,
         created=utc_timestamp(mtime if "SOURCE_DATE_EPOCH" in os.environ else time.time()),
+        # From the wall clock, never SOURCE_DATE_EPOCH: a reproducible build must not be born expired.
+        expires=utc_timestamp(time.time() + expires_in_days * 86400),
+        allow_downgrade=allow_downgrade,
     )
     atomic_write_bytes(out / manifest.bundle, signer.sign(out / artifact, digest))
     atomic_write_bytes(out / manifest.checksum, render_checksum_file(digest.hex, artifact))
+    data = render_manifest(manifest)
     # Validate what we are about to write with the same reader every consumer uses.
-    parse_manifest(render_manifest(manifest))
-    atomic_write_bytes(out / MANIFEST, render_manifest(manifest))
+    parse_manifest(data)
+    check_release_names(manifest)
+    write_signed_manifest(out, data, signer)
     return manifest
+
+
+def sign_bytes(out: Path, data: bytes, signer: Signer) -> bytes:
+    """The signer's bundle over `data` (gpg signs files, so it goes through a temp file)."""
+    tmp = out / ".manifest.json.signing"
+    try:
+        tmp.write_bytes(data)
+        return signer.sign(tmp, FileDigest(size=len(data), sha256=hashlib.sha256(data).digest()))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_signed_manifest(out: Path, data: bytes, signer: Signer) -> None:
+    """manifest.json.bundle first, manifest.json last: never a manifest without its bundle."""
+    atomic_write_bytes(out / MANIFEST_BUNDLE, sign_bytes(out, data, signer))
+    atomic_write_bytes(out / MANIFEST, data)
 
 
 def read_manifest_file(path: str | os.PathLike[str]) -> Manifest:
@@ -81,14 +107,25 @@ def read_manifest_file(path: str | os.PathLike[str]) -> Manifest:
 
 
 def publish_release(from_dir: str, ota_dir: str) -> Manifest:
-    """Copy artifacts first (each fsynced), the manifest last by rename."""
+    """Copy artifacts first (each fsynced), then the manifest's bundle, the manifest last, by rename.
+
+    A poller may still read the new manifest with the old bundle (or the
+    reverse) when its two requests straddle the last two renames; gateways and
+    robots fetch the pair again once when it does not verify.
+    """
     src, dst = Path(from_dir), Path(ota_dir)
     manifest = read_manifest_file(src / MANIFEST)
     try:
+        manifest_bytes = (src / MANIFEST).read_bytes()
         check_digest(digest_file(src / manifest.artifact), manifest)
         check_checksum_file((src / manifest.checksum).read_bytes(), manifest)
+        check_release_names(manifest)
         if not (src / manifest.bundle).is_file():
             raise ReleaseError(f"{src / manifest.bundle}: signature file is missing")
+        if not (src / MANIFEST_BUNDLE).is_file():
+            raise ReleaseError(f"{src / MANIFEST_BUNDLE} is missing: the manifest is not signed (otad-release sign it)")
+        if bundle_names_manifest(manifest_bytes, (src / MANIFEST_BUNDLE).read_bytes()) is False:
+            raise ReleaseError(f"{src / MANIFEST_BUNDLE} does not sign this manifest.json (edited after signing? sign it again)")
     except OSError as exc:
         raise ReleaseError(f"{exc.filename}: cannot read release file ({exc.strerror})") from None
     except OtadError as exc:
@@ -102,5 +139,6 @@ def publish_release(from_dir: str, ota_dir: str) -> Manifest:
     for file_name in manifest.files:
         if not (already and file_name == manifest.artifact):
             atomic_copy(src / file_name, dst / file_name)
-    atomic_copy(src / MANIFEST, dst / MANIFEST)
+    atomic_copy(src / MANIFEST_BUNDLE, dst / MANIFEST_BUNDLE)
+    atomic_write_bytes(dst / MANIFEST, manifest_bytes)
     return manifest

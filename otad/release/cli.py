@@ -1,18 +1,21 @@
 """`otad-release`: keygen, sign, verify, build, publish. Thin: parse, call, report."""
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import sys
+import time
 from pathlib import Path
 
 from otad.cli import ArgumentParser, run
 from otad.errors import KeyFileError
 from otad.fsutil import atomic_write_bytes, create_exclusive
-from otad.release.build import MANIFEST, build_release, publish_release, read_manifest_file
+from otad.release.build import DEFAULT_EXPIRES_DAYS, MANIFEST, build_release, publish_release, read_manifest_file
 from otad.release.signers import CosignSigner, GpgSigner, Signer
 from otad.trust.digest import digest_file
 from otad.trust.keys import generate_key_pair, load_private_key, load_public_key_files
+from otad.trust.metadata import MANIFEST_BUNDLE, verify_manifest
 from otad.trust.verify import TrustAnchors, verify_artifact, verify_cosign_signature
 from otad.trust import gpg
 
@@ -87,7 +90,10 @@ def cmd_verify(args) -> int:
     anchors = _anchors(args)
     if args.manifest:
         base = Path(args.manifest).parent
-        manifest = read_manifest_file(args.manifest)
+        read_manifest_file(args.manifest)  # one-line errors for unreadable or malformed files
+        signed = verify_manifest(_read(args.manifest, "manifest"), _read(str(base / MANIFEST_BUNDLE), "manifest bundle"),
+                                 anchors, time.time())
+        manifest = signed.manifest
         verified = verify_artifact(
             base / manifest.artifact,
             manifest,
@@ -96,6 +102,8 @@ def cmd_verify(args) -> int:
             checksum_bytes=_read(str(base / manifest.checksum), "checksum file"),
         )
         print(f"verified {manifest.artifact} ({manifest.name} {manifest.version}, sha256 {verified.sha256[:12]}..., key {verified.key})")
+        print(f"verified {MANIFEST} (key {signed.key}, expires {manifest.expires}"
+              f"{', allows a downgrade' if manifest.allow_downgrade else ''})")
         return 0
     if not args.file or not args.bundle:
         raise KeyFileError("give FILE and --bundle, or --manifest")
@@ -113,8 +121,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_build(args) -> int:
-    manifest = build_release(args.app_dir, args.version, args.name, args.out, _signer(args))
-    for file_name in (*manifest.files, MANIFEST):
+    manifest = build_release(args.app_dir, args.version, args.name, args.out, _signer(args),
+                             expires_in_days=args.expires_in, allow_downgrade=args.allow_downgrade)
+    for file_name in (*manifest.files, MANIFEST_BUNDLE, MANIFEST):
         print(os.path.join(args.out, file_name))
     return 0
 
@@ -129,6 +138,16 @@ def _add_signing_options(parser) -> None:
     parser.add_argument("--key", help="cosign private key file (password from COSIGN_PASSWORD)")
     parser.add_argument("--gpg-home", help="GnuPG home holding the signing key")
     parser.add_argument("--gpg-key", help="GnuPG key id or fingerprint to sign with")
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not -36500 <= value <= 36500:
+        raise argparse.ArgumentTypeError(f"{text!r} days is out of range")
+    return value
 
 
 def make_parser() -> ArgumentParser:
@@ -160,6 +179,10 @@ def make_parser() -> ArgumentParser:
     p.add_argument("--version", required=True)
     p.add_argument("--out", required=True, metavar="OUTDIR")
     p.add_argument("--name", default="app")
+    p.add_argument("--expires-in", type=_days, default=DEFAULT_EXPIRES_DAYS, metavar="DAYS",
+                   help=f"the manifest expires this many days from now (default {DEFAULT_EXPIRES_DAYS:g}; may be fractional)")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="authorise robots that run a higher version to go down to this one")
     _add_signing_options(p)
     p.set_defaults(handler=cmd_build)
 

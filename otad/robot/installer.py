@@ -20,6 +20,7 @@ from otad.robot.settings import RobotSettings
 from otad.robot.state import RobotState, StateLock, StateStore
 from otad.robot.unpack import unpack_release
 from otad.trust.manifest import Manifest, utc_timestamp
+from otad.trust.rollback import decide_install, next_floor
 
 log = logging.getLogger("otad.robot")
 
@@ -40,13 +41,19 @@ class Installer:
         self.store.save(self.state)
 
     # -- install ------------------------------------------------------------------------
-    def install(self, manifest: Manifest, artifact: Path) -> bool:
-        """Unpack a verified artifact and activate it. True if it was committed."""
+    def install(self, manifest: Manifest, artifact: Path, downgrade: bool = False) -> bool:
+        """Unpack a verified artifact and activate it. True if it was committed.
+
+        `downgrade`: an authorised downgrade (the signed manifest allows it), which
+        lowers the anti-rollback floor to this version once committed.
+        """
         version = manifest.version
         with self.lock:
             self.state = self.store.load()  # otadctl may have changed it since the last poll
-            if version in self.state.blacklist:
-                log.info("not installing app %s: it is blacklisted", version)
+            decision = decide_install(version, self.app.target("CURRENT"), self.state.highest_committed, self.state.blacklist,
+                                      manifest.allow_downgrade, self.settings.allow_downgrade)
+            if not decision.install:
+                log.info("not installing app %s: %s", version, decision.reason)
                 return False
             self.step = "unpacking"
             self.save(phase="unpacking", target=version)
@@ -63,7 +70,7 @@ class Installer:
             self.app.set_link("NEW", version)
             crashpoint("new-linked")
             self._activate(version)
-            return self._prove(version)
+            return self._prove(version, decision.downgrade)
 
     def _activate(self, version: str) -> None:
         self.step = "activating"
@@ -79,14 +86,14 @@ class Installer:
         self.save(phase="selftest")
         log.info("activated app %s (previous %s); restarting the app and running its self-test", version, previous or "none")
 
-    def _prove(self, version: str) -> bool:
+    def _prove(self, version: str, downgrade: bool = False) -> bool:
         self.step = "self-test"
         failure = self._restart_and_selftest(version)
         if failure is not None:
             self.rollback(version, failure)
             return False
         crashpoint("selftest-passed")
-        self._commit(version)
+        self._commit(version, downgrade)
         return True
 
     def _restart_and_selftest(self, version: str) -> str | None:
@@ -108,10 +115,11 @@ class Installer:
         outcome = runner.run(command, self.settings.selftest_timeout, cwd=release.resolve(), env=env)
         return None if outcome.ok else _reason("self-test failed", outcome)
 
-    def _commit(self, version: str) -> None:
+    def _commit(self, version: str, downgrade: bool = False) -> None:
         # Probation needs something to roll back to; a robot's first release stays either way.
         probation = self.settings.probation_s > 0 and bool(self.settings.health_cmd) and self.state.previous is not None
-        highest = _max_version(self.state.highest_committed, version)
+        # The anti-rollback floor, in the same atomic state write as the commit itself.
+        highest = next_floor(self.state.highest_committed, version, downgrade)
         attempts = {v: n for v, n in self.state.attempts.items() if v != version}
         self.save(
             phase="probation" if probation else "idle", committed=version, highest_committed=highest, attempts=attempts,
@@ -236,9 +244,3 @@ class Installer:
 def _reason(what: str, outcome: runner.Outcome) -> str:
     text = f"{what} ({outcome.reason})" if what else outcome.reason
     return f"{text}: {outcome.tail}" if outcome.tail else text
-
-
-def _max_version(a: str | None, b: str) -> str:
-    from otad.semver import Version
-
-    return b if a is None or Version(b) > Version(a) else a

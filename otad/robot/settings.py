@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from otad.config import boolean, http_url, identifier, path, seconds, setting, text, whole
+from otad.config import boolean, http_url, identifier, optional_path, path, seconds, setting, text, whole
 from otad.keyconfig import trusted_keys
+from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
 
 DEFAULT_CONFIG = "/etc/otad/robot.conf"
@@ -44,10 +45,19 @@ class RobotSettings:
     max_attempts: int = setting(whole(1), "3", "failed installs of one version before it is blacklisted")
     max_unpacked_mb: int = setting(whole(1), "4096")
     max_files: int = setting(whole(1), "100000")
-    allow_downgrade: bool = setting(boolean, "no", "install a lower version if the gateway offers one")
+    allow_downgrade: bool = setting(boolean, "yes", "obey a signed manifest's allow_downgrade; no: never go below the floor")
+    manifest_grace_s: int = setting(_whole_or_zero, "604800", "accept a manifest up to this long after it expired")
     backoff_max: int = setting(seconds, "300")
     connect_timeout: int = setting(seconds, "10")
     read_timeout: int = setting(seconds, "30")
+    min_rate: int = setting(_whole_or_zero, "4096", "bytes/s a transfer must keep up over each READ_TIMEOUT window; 0: off")
+    # TLS towards the gateway (docs/security.md), when GATEWAY_URL is https://.
+    gateway_ca_file: Path | None = setting(optional_path, "", "CA bundle for the gateway's certificate; empty: system store")
+    client_cert: Path | None = setting(optional_path, "", "client certificate (PEM) for mutual TLS")
+    client_key: Path | None = setting(optional_path, "", "its private key (PEM, chmod 600)")
+
+    def check(self) -> None:
+        check_client_files(self.gateway_ca_file, self.client_cert, self.client_key, "GATEWAY_CA_FILE")
 
     @property
     def max_unpacked_bytes(self) -> int:

@@ -1,7 +1,10 @@
 """The robot's worker thread: poll the gateway, download, verify, hand over to the installer.
 
-The robot trusts nothing because the gateway said so: it verifies every
-artifact against its own TRUSTED_KEYS with the shared verification core.
+The robot trusts nothing because the gateway said so: it verifies the
+manifest's signature and expiry (with MANIFEST_GRACE_S of tolerance, for
+releases a gateway cut off from the dashboard still holds) and every artifact
+against its own TRUSTED_KEYS with the shared verification core, and never goes
+below its anti-rollback floor unless the signed manifest authorises it.
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ from otad.fsutil import atomic_write_bytes
 from otad.robot.crashpoints import crashpoint
 from otad.robot.installer import Installer
 from otad.robot.settings import RobotSettings
-from otad.semver import Version
 from otad.transfer.backoff import Backoff, RejectedManifests, jittered
-from otad.transfer.client import HttpClient, TransferLimits
+from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
+from otad.transfer.tls import client_tls
+from otad.trust import clock
 from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest, utc_timestamp
+from otad.trust.metadata import SignedManifest, describe_age, verify_manifest
+from otad.trust.rollback import decide_install
 from otad.trust.verify import TrustAnchors, verify_artifact
 
 log = logging.getLogger("otad.robot")
@@ -46,7 +52,8 @@ class Worker:
         self.anchors = TrustAnchors(cosign_keys=settings.trusted_keys)
         self._backoff.cap = settings.backoff_max
         old = getattr(self, "client", None)
-        self.client = HttpClient(settings.gateway_url, TransferLimits(settings.connect_timeout, settings.read_timeout))
+        self.client = HttpClient(settings.gateway_url, TransferLimits(settings.connect_timeout, settings.read_timeout, settings.min_rate),
+                                 tls=client_tls(settings, "gateway_ca_file"))
         if old is not None:
             old.close()
         self._wake.set()
@@ -75,7 +82,7 @@ class Worker:
         if self.installer.state.blacklist != blacklist:
             self._etag = None
         try:
-            fetched = self.client.get_small("/manifest", MAX_MANIFEST_BYTES, etag=self._etag)
+            fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._etag)
             atomic_write_bytes(self.settings.state_dir / "last_poll", utc_timestamp(time.time()).encode())
             if fetched.status == 200:
                 self._etag = fetched.etag  # _consider clears it to retry a failed version
@@ -113,11 +120,23 @@ class Worker:
         except TrustError as exc:
             self._reject(digest, None, exc)
             return
-        if not self._wanted(manifest.version):
-            return
+        state = self.installer.state
+        if manifest.version in state.blacklist or manifest.version == self.installer.app.target("CURRENT"):
+            return  # nothing to do, whatever its signature says
         try:
+            signed, _, _ = self.client.verified_manifest(body, self._verify)
+            if signed.manifest.version != manifest.version:
+                self._etag = None  # the gateway switched releases meanwhile: look again next poll
+                return
+            decision = decide_install(manifest.version, self.installer.app.target("CURRENT"), state.highest_committed,
+                                      state.blacklist, signed.manifest.allow_downgrade, self.settings.allow_downgrade)
+            if not decision.install:
+                if not decision.quiet:
+                    self._reject(digest, manifest, RollbackRefused(decision.reason))
+                return
+            manifest = signed.manifest
             artifact = self._fetch(manifest)
-            committed = self.installer.install(manifest, artifact)
+            committed = self.installer.install(manifest, artifact, downgrade=decision.downgrade)
         except TrustError as exc:
             self._reject(digest, manifest, exc)
             return
@@ -126,16 +145,13 @@ class Worker:
         if not committed:
             self._etag = None  # try this version again on a later poll, until it is blacklisted
 
-    def _wanted(self, version: str) -> bool:
-        state = self.installer.state
-        if version in state.blacklist:
-            return False
-        current = self.installer.app.target("CURRENT")
-        if current is None:
-            return True
-        if Version(version) > Version(current):
-            return True
-        return self.settings.allow_downgrade and version != current
+    def _verify(self, manifest_bytes: bytes, bundle: bytes) -> SignedManifest:
+        signed = verify_manifest(manifest_bytes, bundle, self.anchors, clock.now(), grace=self.settings.manifest_grace_s)
+        if signed.expired_for > 0:
+            log.warning("accepting the manifest of app %s although it expired %s ago (within MANIFEST_GRACE_S=%d; "
+                        "the gateway may be cut off from the dashboard)", signed.manifest.version,
+                        describe_age(signed.expired_for), self.settings.manifest_grace_s)
+        return signed
 
     def _fetch(self, manifest: Manifest):
         bundle = self.client.get_small(f"/ota/{manifest.bundle}", MAX_BUNDLE_BYTES).body
@@ -169,3 +185,7 @@ class Worker:
         version = manifest.version if manifest else None
         self.installer.outbox.add("rejected", version, str(exc))
         log.warning("rejected app %s: %s", version or "manifest", exc)
+
+
+class RollbackRefused(TrustError):
+    """A signed release below the anti-rollback floor, without a signed authorisation."""

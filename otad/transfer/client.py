@@ -7,6 +7,12 @@ server restarts cleanly from zero instead of splicing two versions. The file
 is hashed while it arrives; nothing is read twice. Network failures raise
 `TransportError` (the part is kept); a server sending more bytes than the
 signed manifest promised raises `ChecksumMismatch` (the part is deleted).
+
+Every request, small or large, runs under a minimum-progress watchdog
+(transfer/watchdog.py): headers and body must keep arriving at MIN_RATE, or
+the transfer is cut ("too slow") and resumed at a later poll (slow retrieval).
+Small fetches are capped (manifest 64 KiB, bundle 256 KiB, checksum 4 KiB),
+downloads at the signed manifest's size (endless data).
 """
 from __future__ import annotations
 
@@ -14,26 +20,56 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from typing import TypeVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from otad import __version__
-from otad.errors import ChecksumMismatch, MalformedMetadata, TransportError
+from otad.errors import ChecksumMismatch, MalformedMetadata, TransportError, TrustError
 from otad.fsutil import atomic_write_bytes
+from otad.transfer.tls import ClientTls, describe_tls_error
+from otad.transfer.watchdog import Progress, WatchedAdapter
+from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.digest import CHUNK, FileDigest
+from otad.trust.manifest import MAX_MANIFEST_BYTES
+from otad.trust.metadata import UnsignedManifest
+
+T = TypeVar("T")
+MANIFEST_PATH = "/manifest"
+MANIFEST_BUNDLE_PATH = "/manifest.bundle"
 
 DOWNLOAD_CHUNK = 256 * 1024
+MIN_CHUNK = 4096
 
 
 @dataclass(frozen=True)
 class TransferLimits:
-    """Timeouts in seconds. `read_timeout` is also the minimum-progress rule:
-    a transfer that delivers no byte for that long is cut and resumed later."""
+    """Timeouts in seconds. A transfer that delivers no byte for `read_timeout`, or
+    fewer than 3/4 of `min_rate` bytes/s over any `read_timeout` window (headers
+    included), is cut and resumed later. `min_rate=0` keeps only the read timeout."""
 
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    min_rate: int = 4096
+
+    @property
+    def window_bytes(self) -> int:
+        return int(self.min_rate * self.read_timeout * 3 / 4)
+
+    @property
+    def chunk(self) -> int:
+        # Progress is counted per chunk: several chunks must fit in one window at min_rate.
+        return max(MIN_CHUNK, min(DOWNLOAD_CHUNK, int(self.min_rate * self.read_timeout / 4)))
+
+
+class HttpStatusError(TransportError):
+    """The server answered with an unexpected HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -44,15 +80,28 @@ class Fetched:
 
 
 def _transport_error(url: str, exc: Exception, method: str = "GET") -> TransportError:
-    return TransportError(f"{method} {url}: {type(exc).__name__}")
+    detail = describe_tls_error(exc) if isinstance(exc, requests.exceptions.SSLError) else ""
+    return TransportError(f"{method} {url}: {type(exc).__name__}" + (f" ({detail})" if detail else ""))
+
+
+def _failure(url: str, exc: Exception, watch: Progress) -> TransportError:
+    if watch.tripped:
+        return TransportError(f"GET {url}: {watch.tripped}")
+    return _transport_error(url, exc)
 
 
 class HttpClient:
-    def __init__(self, base_url: str, limits: TransferLimits | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, base_url: str, limits: TransferLimits | None = None, headers: dict[str, str] | None = None,
+                 tls: ClientTls | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.limits = limits or TransferLimits()
         self.session = requests.Session()
         self.session.headers.update({"User-Agent": f"otad/{__version__}", **(headers or {})})
+        for prefix in ("http://", "https://"):
+            self.session.mount(prefix, WatchedAdapter())
+        # Per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's
+        # `verify`, and the configured CA must win. The server certificate is always checked.
+        self.tls_options = (tls or ClientTls()).session_options()
 
     def close(self) -> None:
         self.session.close()
@@ -60,33 +109,69 @@ class HttpClient:
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
 
-    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
+    def _watch(self, url: str) -> Progress:
+        return Progress(self.limits.read_timeout, self.limits.window_bytes if self.limits.min_rate else 0, url)
+
+    def _get(self, url: str, headers: dict[str, str], watch: Progress) -> requests.Response:
         try:
             return self.session.get(
                 url, headers=headers, stream=True, allow_redirects=False,
-                timeout=(self.limits.connect_timeout, self.limits.read_timeout),
+                timeout=(self.limits.connect_timeout, self.limits.read_timeout), **self.tls_options,
             )
         except requests.RequestException as exc:
-            raise _transport_error(url, exc) from None
+            raise _failure(url, exc, watch) from None
 
     def get_small(self, path: str, max_bytes: int, etag: str | None = None) -> Fetched:
         """GET a small document (manifest, bundle, checksum) of at most max_bytes."""
         url = self.url(path)
-        response = self._get(url, {"If-None-Match": etag} if etag else {})
-        with response:
-            if response.status_code == 304:
-                return Fetched(304, etag=etag)
-            if response.status_code != 200:
-                raise TransportError(f"GET {url}: HTTP {response.status_code}")
-            body = bytearray()
-            try:
-                for chunk in response.iter_content(CHUNK):
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise MalformedMetadata(f"{path} is larger than {max_bytes} bytes")
-            except requests.RequestException as exc:
-                raise _transport_error(url, exc) from None
-            return Fetched(200, bytes(body), response.headers.get("ETag"))
+        with self._watch(url) as watch:
+            response = self._get(url, {"If-None-Match": etag} if etag else {}, watch)
+            with response:
+                if response.status_code == 304:
+                    return Fetched(304, etag=etag)
+                if response.status_code != 200:
+                    raise HttpStatusError(f"GET {url}: HTTP {response.status_code}", response.status_code)
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise MalformedMetadata(f"{path} is larger than {max_bytes} bytes (Content-Length {declared[:20]})")
+                body = bytearray()
+                try:
+                    for chunk in response.iter_content(CHUNK):
+                        body += chunk
+                        watch.add(len(chunk))
+                        if len(body) > max_bytes:
+                            raise MalformedMetadata(f"{path} is larger than {max_bytes} bytes")
+                except requests.RequestException as exc:
+                    raise _failure(url, exc, watch) from None
+                if watch.tripped or (declared.isdigit() and len(body) != int(declared)):
+                    # urllib3 1.26 ends a cut body quietly: never take a truncated document for a whole one.
+                    raise TransportError(f"GET {url}: {watch.tripped or f'body ended at {len(body)} of {declared} bytes'}")
+                return Fetched(200, bytes(body), response.headers.get("ETag"))
+
+    def get_manifest_bundle(self) -> bytes:
+        try:
+            return self.get_small(MANIFEST_BUNDLE_PATH, MAX_BUNDLE_BYTES).body
+        except HttpStatusError as exc:
+            if exc.status == 404:
+                raise UnsignedManifest(f"manifest is not signed: {exc}") from None
+            raise
+
+    def verified_manifest(self, manifest: bytes, verify: Callable[[bytes, bytes], T]) -> tuple[T, bytes, bytes]:
+        """Fetch the bundle of `manifest` and return (verify(manifest, bundle), manifest, bundle).
+
+        /manifest and /manifest.bundle are two requests, and a publish (or a
+        gateway installing a release) can land between them: if the pair does
+        not verify, both are fetched again once and the new pair is verified.
+        """
+        bundle = self.get_manifest_bundle()
+        try:
+            return verify(manifest, bundle), manifest, bundle
+        except TrustError:
+            again = self.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES).body
+            bundle_again = self.get_manifest_bundle()
+            if again == manifest and bundle_again == bundle:
+                raise
+        return verify(again, bundle_again), again, bundle_again
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, object]:
         """POST a body; return (status, parsed JSON reply or None). Network trouble: TransportError."""
@@ -94,7 +179,7 @@ class HttpClient:
         try:
             response = self.session.post(
                 url, data=body, headers=headers, allow_redirects=False,
-                timeout=(self.limits.connect_timeout, self.limits.read_timeout),
+                timeout=(self.limits.connect_timeout, self.limits.read_timeout), **self.tls_options,
             )
         except requests.RequestException as exc:
             raise _transport_error(url, exc, "POST") from None
@@ -120,7 +205,16 @@ class HttpClient:
         if have == expected_size and have:
             return FileDigest(size=have, sha256=hasher.digest())  # finished before a crash
         headers = {"Range": f"bytes={have}-", "If-Range": etag} if have else {}
-        response = self._get(url, headers)
+        with self._watch(url) as watch:
+            have, hasher = self._fetch_into(url, part, meta_path, headers, have, etag, expected_size, hasher, progress, watch)
+        if have < expected_size:
+            reason = watch.tripped or f"connection ended at {have} of {expected_size} bytes"
+            raise TransportError(f"GET {url}: {reason}")
+        return FileDigest(size=have, sha256=hasher.digest())
+
+    def _fetch_into(self, url, part, meta_path, headers, have, etag, expected_size, hasher, progress, watch):
+        """One GET into `part`; returns (bytes now in part, the hasher over them)."""
+        response = self._get(url, headers, watch)
         with response:
             if response.status_code == 206 and have and _resumes_at(response, have, etag):
                 mode = "ab"
@@ -130,18 +224,16 @@ class HttpClient:
                 _discard(part, meta_path)  # our part no longer fits the server's file
                 raise TransportError(f"GET {url}: cannot resume (HTTP {response.status_code}); restarting")
             else:
-                raise TransportError(f"GET {url}: HTTP {response.status_code}")
+                raise HttpStatusError(f"GET {url}: HTTP {response.status_code}", response.status_code)
             new_etag = response.headers.get("ETag")
             atomic_write_bytes(meta_path, json.dumps({"url": url, "size": expected_size, "etag": new_etag}).encode())
-            have = self._receive(response, url, part, mode, have, expected_size, hasher, progress)
-        if have < expected_size:
-            raise TransportError(f"GET {url}: connection ended at {have} of {expected_size} bytes")
-        return FileDigest(size=have, sha256=hasher.digest())
+            return self._receive(response, url, part, mode, have, expected_size, hasher, progress, watch), hasher
 
-    def _receive(self, response, url, part: Path, mode: str, have: int, expected: int, hasher, progress) -> int:
+    def _receive(self, response, url, part: Path, mode: str, have: int, expected: int, hasher, progress, watch: Progress) -> int:
         with open(part, mode) as out:
             try:
-                for chunk in response.iter_content(DOWNLOAD_CHUNK):
+                for chunk in response.iter_content(self.limits.chunk):
+                    watch.add(len(chunk))
                     if have + len(chunk) > expected:
                         out.close()
                         _discard(part, part.with_name(part.name + ".meta"))
@@ -152,7 +244,7 @@ class HttpClient:
                     if progress is not None:
                         progress(have, expected)
             except requests.RequestException as exc:
-                raise _transport_error(url, exc) from None
+                raise _failure(url, exc, watch) from None
             finally:
                 if not out.closed:
                     out.flush()

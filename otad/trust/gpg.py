@@ -68,6 +68,18 @@ def sign_detached(gpg_home: str, key_id: str, path: str | os.PathLike[str], pass
     return result.data
 
 
+def verify_detached_bytes(keyring: bytes, signature: bytes, data: bytes) -> str:
+    """verify_detached for bytes in memory (a manifest): they go to a throwaway file first."""
+    folder = tempfile.mkdtemp(prefix="otad-gpg-data-")
+    try:
+        path = os.path.join(folder, "data")
+        with open(path, "wb") as out:
+            out.write(data)
+        return verify_detached(keyring, signature, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def verify_detached(keyring: bytes, signature: bytes, path: str | os.PathLike[str]) -> str:
     """Return the fingerprint of the trusted key that made `signature` over the file."""
     if len(signature) > MAX_SIGNATURE_BYTES or not signature.lstrip().startswith(ARMOR_HEADER):

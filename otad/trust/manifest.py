@@ -39,6 +39,8 @@ class Manifest:
     checksum: str
     signature: str
     created: str
+    expires: str  # after this instant (RFC 3339 UTC) the manifest is refused: freeze attacks
+    allow_downgrade: bool = False  # the signer authorises robots to go down to this version
 
     @property
     def files(self) -> tuple[str, str, str]:
@@ -49,13 +51,17 @@ class Manifest:
     def parsed_version(self) -> Version:
         return Version(self.version)
 
+    @property
+    def expires_epoch(self) -> float:
+        return _parse_timestamp(self.expires).timestamp()
+
 
 def parse_manifest(data: bytes) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise MalformedMetadata(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... (fuzzing)
         raise MalformedMetadata("manifest is not valid JSON") from None
     if not isinstance(doc, dict):
         raise MalformedMetadata("manifest is not a JSON object")
@@ -72,6 +78,8 @@ def parse_manifest(data: bytes) -> Manifest:
         checksum=_file_name(doc, "checksum"),
         signature=_field(doc, "signature", str),
         created=_matching(doc, "created", _RFC3339_UTC),
+        expires=_matching(doc, "expires", _RFC3339_UTC),
+        allow_downgrade=_optional_bool(doc, "allow_downgrade"),
     )
     Version(manifest.version)
     if manifest.size < 0:
@@ -81,6 +89,7 @@ def parse_manifest(data: bytes) -> Manifest:
     if len(set(manifest.files)) != 3 or "manifest.json" in manifest.files:
         raise MalformedMetadata("manifest names the same file twice")
     _parse_timestamp(manifest.created)
+    _parse_timestamp(manifest.expires)
     return manifest
 
 
@@ -96,6 +105,13 @@ def _field(doc: dict, key: str, kind: type):
     # bool is an int subclass in Python; JSON true is never a size or schema.
     if not isinstance(value, kind) or isinstance(value, bool):
         raise MalformedMetadata(f"manifest field '{key}' must be of type {kind.__name__}")
+    return value
+
+
+def _optional_bool(doc: dict, key: str) -> bool:
+    value = doc.get(key, False)
+    if not isinstance(value, bool):
+        raise MalformedMetadata(f"manifest field '{key}' must be true or false")
     return value
 
 

@@ -1,0 +1,62 @@
+"""Anti-rollback: may a robot install this version? A pure decision on versions.
+
+The floor is the higher of CURRENT and the highest version the robot has ever
+committed (persisted in its state.json). A version below the floor is
+installed only if the verified manifest says `allow_downgrade: true` (the
+release signer authorises going down to exactly that version) and the robot's
+own ALLOW_DOWNGRADE setting does not forbid it. So a gateway, or anyone on
+edge_net or wan_net, replaying an old but validly signed release cannot take a
+robot back to it. `otadctl rollback` is the operator's local hand and does not
+go through here (see docs/operations.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otad.semver import Version
+
+
+@dataclass(frozen=True)
+class InstallDecision:
+    install: bool
+    reason: str
+    quiet: bool = False  # nothing worth logging (already CURRENT, blacklisted)
+    downgrade: bool = False  # an authorised downgrade: the floor moves down to it
+
+
+def decide_install(
+    candidate: str,
+    current: str | None,
+    highest_committed: str | None,
+    blacklist: list[str] | tuple[str, ...] = (),
+    signed_allow_downgrade: bool = False,
+    robot_allows_downgrade: bool = True,
+) -> InstallDecision:
+    if candidate in blacklist:
+        return InstallDecision(False, f"{candidate} is blacklisted", quiet=True)
+    if candidate == current:
+        return InstallDecision(False, f"{candidate} is CURRENT", quiet=True)
+    floor, what = _floor(current, highest_committed)
+    if floor is None or Version(candidate) >= floor:
+        return InstallDecision(True, "newer" if floor is not None else "first release")
+    below = f"{candidate} is lower than {what} {floor}"
+    if not signed_allow_downgrade:
+        return InstallDecision(False, f"{below} and the signed manifest does not allow a downgrade")
+    if not robot_allows_downgrade:
+        return InstallDecision(False, f"{below}; the manifest allows a downgrade but ALLOW_DOWNGRADE=no")
+    return InstallDecision(True, f"{below}; downgrade authorised by the signed manifest", downgrade=True)
+
+
+def _floor(current: str | None, highest: str | None) -> tuple[Version | None, str]:
+    cur = Version(current) if current else None
+    high = Version(highest) if highest else None
+    if high is not None and (cur is None or high > cur):
+        return high, "the highest committed version"
+    return cur, "CURRENT"
+
+
+def next_floor(highest_committed: str | None, committed: str, downgrade: bool) -> str:
+    """highest_committed after committing `committed`; an authorised downgrade resets it."""
+    if downgrade or highest_committed is None or Version(committed) > Version(highest_committed):
+        return committed
+    return highest_committed
