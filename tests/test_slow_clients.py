@@ -184,3 +184,30 @@ def test_a_trickled_body_is_cut(servers, server):
         assert is_closed(sock) or wait_until(lambda: is_closed(sock), 2, "the server to close the slow body")
         assert time.monotonic() - started >= HEADER_TIMEOUT - 1
     timed_manifest(daemon.url)
+
+
+def test_the_edge_server_caps_its_connections_with_a_json_503():
+    """The cap itself, on the server class the gateway's edge listener runs on (1000 in the daemon;
+    5 here, so the test opens 6 sockets instead of 1001)."""
+    from otad.transfer.server import Handler, Server, ServerLimits
+
+    class Hello(Handler):
+        def do_GET(self) -> None:
+            self.send_json(200, {"hello": "world"})
+
+    server = Server(("127.0.0.1", 0), Hello, limits=ServerLimits(header_timeout=5, max_connections=5))
+    thread = server.start_thread("capped")
+    try:
+        held = [socket.create_connection(server.server_address, timeout=5) for _ in range(5)]
+        wait_until(lambda: server._open == 5, 5, "five connections counted")
+        status, headers, body = exchange(server.url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and headers["retry-after"] == "5"
+        assert "too many connections" in assert_json_error(status, headers, body, 503)
+        for sock in held:
+            sock.close()
+        wait_until(lambda: server._open == 0, 10, "the held connections to end")
+        assert requests.get(server.url + "/", timeout=5).json() == {"hello": "world"}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -14,6 +14,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -171,9 +172,10 @@ def fronted(tmp_path, keypair, pki):
     site.nginx.stop()
 
 
-def start_https_gateway(site: Site, name: str = "gw", **overrides) -> Daemon:
+def start_https_gateway(site: Site, name: str = "gw", dashboard_url: str | None = None, **overrides) -> Daemon:
     """A gateway whose listener may be https://: the harness waits for http:// only."""
-    gw = site.gateway(dashboard_url=site.nginx.url if hasattr(site, "nginx") else None, name=name, **overrides)
+    dashboard_url = dashboard_url or (site.nginx.url if hasattr(site, "nginx") else None)
+    gw = site.gateway(dashboard_url=dashboard_url, name=name, **overrides)
     gw.start(wait_listening=False)
     gw.url = gw.wait_for_log(r"listening on (https?://\S+)")[1]
     return gw
@@ -329,3 +331,23 @@ def test_session_options_for_requests(tmp_path, pki):
     assert ClientTls().session_options() == {"verify": system_ca_bundle()}
     assert system_ca_bundle() is True or os.path.isfile(system_ca_bundle())
     ssl.create_default_context(cafile=str(pki.ca_file))  # the CA file we hand out is loadable
+
+
+def test_a_silent_tls_client_is_cut_after_header_timeout(tmp_path, keypair, pki):
+    """The handshake has HEADER_TIMEOUT in all (CPython bounds do_handshake by one deadline)."""
+    key, pub = keypair
+    site = Site(tmp_path, key, pub)
+    edge_cert, edge_key = pki.issue("gateway")
+    try:
+        gw = start_https_gateway(site, dashboard_url="http://127.0.0.1:1", TLS_CERT=edge_cert, TLS_KEY=edge_key,
+                                 HEADER_TIMEOUT=2)
+        host, port = gw.url.removeprefix("https://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+            started = time.monotonic()
+            assert sock.recv(1024) == b""  # the gateway hangs up
+            assert 1 <= time.monotonic() - started < 8
+        gw.wait_for_log(r"TLS handshake with 127\.0\.0\.1 failed")
+        assert requests.get(f"{gw.url}/healthz", verify=str(pki.ca_file), timeout=5).json()["status"] == "ok"
+    finally:
+        site.stop_all()
