@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check test test-bookworm interop-js browser-deps tls-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check
 
 all: check
 
@@ -66,7 +66,17 @@ fuzz: $(VENV)/.installed
 test-bookworm: $(VENV_BOOKWORM)/.installed interop-js tls-deps
 	$(VENV_BOOKWORM)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
 
-check: test test-bookworm deb-check
+check: test test-bookworm deb-check soak-short
+
+# Chaos soak on a namespace topology (tests/soak.py, docs/reliability.md): SOAK_SECONDS of
+# seeded faults (SOAK_SEED replays one; soak-short has a fixed one), then the invariants; exit 1 if any failed.
+# Needs root (ip netns); without it, prints "soak skipped" and why.
+SOAK_SECONDS ?= 600
+soak: $(VENV)/.installed
+	SOAK_SECONDS=$(SOAK_SECONDS) $(VENV)/bin/python tests/soak.py
+
+soak-short: $(VENV)/.installed
+	SOAK_SECONDS=120 SOAK_SEED=$${SOAK_SEED:-20261202} $(VENV)/bin/python tests/soak.py
 
 # Debian packages, built from a clean copy of the tree into build/deb/
 # (tests/deb/build-debs.sh; installs missing build dependencies as root).

@@ -260,7 +260,6 @@ class Topology:
     def cut_download_after(self, host: str, nbytes: int, down_for: float, timeout: float = 60) -> "LinkFlap":
         """Cut `host`'s link once it has received `nbytes` more bytes, restore it `down_for` seconds later."""
         ifname = "wan0" if host == "gateway" else "edge0"
-        self._count("download cut")
         return LinkFlap(self, host, ifname, nbytes, down_for, timeout)
 
     # -- releases ---------------------------------------------------------------------
@@ -383,6 +382,7 @@ class LinkFlap:
                 received = self.topo.rx_bytes(self.host, self.ifname) - self.start_bytes
                 if received >= self.nbytes:
                     self.topo._link(self.host, self.ifname, "down")
+                    self.topo._count("link cut after N bytes")
                     self.cut_at = received
                     time.sleep(self.down_for)
                     return
