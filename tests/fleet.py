@@ -23,10 +23,11 @@ class Site:
 
     # -- releases -------------------------------------------------------------------
     def build(self, version: str, size: int = 64 * 1024, key: Path | None = None, seed: int = 0,
-              selftest: str | None = "exit 0", extra: dict[str, bytes] | None = None) -> Path:
+              selftest: str | None = "exit 0", extra: dict[str, bytes] | None = None, args: tuple[str, ...] = ()) -> Path:
         """Build a release into its own folder; the app holds `size` bytes of random data.
 
-        `selftest` is the body of the release's own ./selftest script (None: no script).
+        `selftest` is the body of the release's own ./selftest script (None: no script);
+        `args` go to `otad-release build` as they are (e.g. "--expires-in", "-1").
         """
         files = {"bin/app": b"#!/bin/sh\necho app\n", "data.bin": _random_bytes(size, seed or hash(version) & 0xFFFF)}
         if selftest is not None:
@@ -35,7 +36,7 @@ class Site:
         if selftest is not None:
             (app / "selftest").chmod(0o755)
         out = self.root / f"out-{version}-{(key or self.key).stem}"
-        result = otad_release("build", "--app-dir", str(app), "--version", version, "--key", str(key or self.key), "--out", str(out))
+        result = otad_release("build", "--app-dir", str(app), "--version", version, "--key", str(key or self.key), "--out", str(out), *args)
         assert result.returncode == 0, result.stderr
         return out
 

@@ -96,6 +96,8 @@ class Syncer:
             self._poll()
         except TransportError as exc:
             return self._network_failure(str(exc))
+        except TrustError as exc:  # e.g. a /manifest over 64 KiB: the server is at fault, retry later
+            return self._network_failure(f"refused the dashboard's answer: {exc}")
         except OtadError as exc:  # e.g. disk full while installing: retry like a network error
             return self._network_failure(f"cannot install: {exc}")
         finally:

@@ -116,10 +116,10 @@ def publish_release(from_dir: str, ota_dir: str) -> Manifest:
     src, dst = Path(from_dir), Path(ota_dir)
     manifest = read_manifest_file(src / MANIFEST)
     try:
+        check_release_names(manifest)
         manifest_bytes = (src / MANIFEST).read_bytes()
         check_digest(digest_file(src / manifest.artifact), manifest)
         check_checksum_file((src / manifest.checksum).read_bytes(), manifest)
-        check_release_names(manifest)
         if not (src / manifest.bundle).is_file():
             raise ReleaseError(f"{src / manifest.bundle}: signature file is missing")
         if not (src / MANIFEST_BUNDLE).is_file():

@@ -94,6 +94,11 @@ class Worker:
             delay = min(self._backoff.failure(), self.settings.backoff_max)
             log.warning("gateway unreachable, retrying in %.0fs: %s", delay, exc)
             return delay
+        except TrustError as exc:  # e.g. a /manifest over 64 KiB: the gateway is at fault, retry later
+            self._etag = None
+            delay = min(self._backoff.failure(), self.settings.backoff_max)
+            log.warning("refused the gateway's answer, retrying in %.0fs: %s", delay, exc)
+            return delay
         except OtadError as exc:  # disk trouble while installing: not the release's fault
             log.error("install interrupted: %s", exc)
             self._etag = None

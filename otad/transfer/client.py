@@ -61,7 +61,7 @@ class TransferLimits:
     @property
     def chunk(self) -> int:
         # Progress is counted per chunk: several chunks must fit in one window at min_rate.
-        return max(MIN_CHUNK, min(DOWNLOAD_CHUNK, int(self.min_rate * self.read_timeout / 4)))
+        return max(MIN_CHUNK, min(DOWNLOAD_CHUNK, int(self.min_rate * self.read_timeout / 8)))
 
 
 class HttpStatusError(TransportError):

@@ -1,0 +1,141 @@
+"""Anti-rollback and mix-and-match with the real daemons.
+
+A robot never installs a version below CURRENT or below the highest version it
+ever committed (state.json, which survives kill -9), unless the signed manifest
+says `allow_downgrade` (otad-release build --allow-downgrade). Name, version and
+digest must agree across manifest, checksum file, bundle and the archive's VERSION.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import otad_release
+from fleet import Site, served_manifest, wait_for_version
+from harness import run_command, wait_until
+from hostile_archives import BUILDERS, prepare_outside
+from invariants import current_version, robot_state
+from test_robot_unpack import publish_signed, stage_signed
+
+
+@pytest.fixture
+def site(tmp_path, keypair):
+    key, pub = keypair
+    s = Site(tmp_path, key, pub)
+    s.start_dashboard()
+    s.gw = s.gateway().start()
+    yield s
+    s.stop_all()
+
+
+def app(site, name="robot"):
+    return site.root / f"{name}-app"
+
+
+def state(site, name="robot"):
+    return robot_state(site.root / f"{name}-state")
+
+
+def events(site, name="robot") -> list[tuple[str, str]]:
+    found = [json.loads(p.read_text()) for p in sorted((site.root / f"{name}-state" / "outbox").glob("*.json"))]
+    return [(e["event"], e["version"]) for e in found]
+
+
+def test_lower_version_refused_until_the_signed_manifest_allows_it(site):
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    site.release("2.0.0")
+    robot.wait_for_log("installed app 2.0.0")
+    assert state(site)["highest_committed"] == "2.0.0"
+    # A lower, validly signed release (a replay, or a re-point without authorisation).
+    site.release("1.5.0")
+    wait_for_version(site.gw.url, "1.5.0")  # the gateway follows the dashboard...
+    line = robot.wait_for_log(r"rejected app 1\.5\.0: (.*)")[1]  # ...the robot does not
+    assert line == "1.5.0 is lower than CURRENT 2.0.0 and the signed manifest does not allow a downgrade", line
+    assert "downloading app 1.5.0" not in robot.log()
+    # The floor is on disk: a robot killed and restarted refuses it just the same.
+    robot.kill9()
+    robot.start(wait_listening=False)
+    robot.wait_for_log("recovered: CURRENT is app 2.0.0")
+    assert robot.wait_for_log(r"rejected app 1\.5\.0: (.*)")[1] == line
+    # Signed with --allow-downgrade: installed, and the floor moves down with it.
+    site.release("1.5.1", args=("--allow-downgrade",))
+    robot.wait_for_log("installed app 1.5.1")
+    assert current_version(app(site)) == "1.5.1"
+    assert state(site)["highest_committed"] == "1.5.1"
+    site.release("1.6.0")  # so the fix after the downgrade goes out normally
+    robot.wait_for_log("installed app 1.6.0")
+    assert events(site) == [("installed", "1.0.0"), ("installed", "2.0.0"), ("rejected", "1.5.0"),
+                            ("rejected", "1.5.0"), ("installed", "1.5.1"), ("installed", "1.6.0")]
+
+
+def test_a_robot_with_allow_downgrade_no_refuses_even_a_signed_downgrade(site):
+    site.release("2.0.0")
+    robot = site.robot(site.gw.url, ALLOW_DOWNGRADE="no").start(wait_listening=False)
+    robot.wait_for_log("installed app 2.0.0")
+    site.release("1.0.0", args=("--allow-downgrade",))
+    line = robot.wait_for_log(r"rejected app 1\.0\.0: (.*)")[1]
+    assert "the manifest allows a downgrade but ALLOW_DOWNGRADE=no" in line, line
+    assert current_version(app(site)) == "2.0.0"
+
+
+def test_operator_rollback_keeps_the_floor(site):
+    """otadctl rollback is the operator's local hand: allowed below the floor. The floor
+    stays at the highest committed version, so the gateway cannot walk the robot further
+    down, or back up to anything in between, without a signed authorisation."""
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    site.release("2.0.0")
+    robot.wait_for_log("installed app 2.0.0")
+    ctl = run_command("otadctl", "--config", str(robot.config), "rollback")
+    assert ctl.returncode == 0, ctl.stderr
+    assert current_version(app(site)) == "1.0.0"
+    assert state(site)["highest_committed"] == "2.0.0"
+    site.release("1.5.0")
+    line = robot.wait_for_log(r"rejected app 1\.5\.0: (.*)")[1]
+    assert line.startswith("1.5.0 is lower than the highest committed version 2.0.0"), line
+    site.release("2.1.0")
+    robot.wait_for_log("installed app 2.1.0")
+    assert current_version(app(site)) == "2.1.0"
+
+
+def test_archive_whose_version_file_disagrees_is_refused_by_gateway_and_robot(site, tmp_path):
+    """A signed archive of one version relabelled as another (VERSION says 99.0.0)."""
+    outside = tmp_path / "outside"
+    prepare_outside(outside)
+    site.release("1.0.0")
+    wait_for_version(site.gw.url, "1.0.0")
+    staged = stage_signed(site, BUILDERS["version-mismatch"](tmp_path / "hostile", "1.0.1", outside), "1.0.1", tmp_path / "signed")
+    publish_signed(site, staged)
+    line = site.gw.wait_for_log(r"rejected app 1\.0\.1: (.*)")[1]
+    assert line.startswith("archive VERSION says '99.0.0', the manifest says '1.0.1'"), line
+    assert served_manifest(site.gw.url)["version"] == "1.0.0"
+    # A robot that talks to the dashboard itself checks VERSION when it unpacks.
+    robot = site.robot(site.dashboard.url).start(wait_listening=False)
+    line = robot.wait_for_log(r"rejected app 1\.0\.1: (.*)")[1]
+    assert "archive VERSION says '99.0.0'" in line, line
+    assert current_version(app(site)) is None
+
+
+def test_manifest_pointing_at_another_versions_files_is_refused(site):
+    """Signed 1.1.0 manifest naming 1.0.0's (also signed) artifact: the names must say the version."""
+    site.release("1.0.0")
+    wait_for_version(site.gw.url, "1.0.0")
+    out = site.build("1.1.0")
+    doc = json.loads((site.ota / "manifest.json").read_text())
+    doc["version"] = "1.1.0"
+    path = out / "manifest.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    signed = otad_release("sign", "--key", str(site.key), "--bundle", str(out / "manifest.json.bundle"), str(path))
+    assert signed.returncode == 0, signed.stderr
+    refused = otad_release("publish", "--from", str(out), "--to", str(site.ota))
+    assert refused.returncode == 1 and "manifest field 'artifact' is 'app-v1.0.0.tar.gz', expected 'app-v1.1.0.tar.gz'" in refused.stderr
+    for name in ("manifest.json.bundle", "manifest.json"):  # published by hand regardless
+        (site.ota / f".{name}.tmp").write_bytes((out / name).read_bytes())
+        (site.ota / f".{name}.tmp").rename(site.ota / name)
+    line = site.gw.wait_for_log(r"rejected app 1\.1\.0: (.*)")[1]
+    assert line.startswith("manifest field 'artifact' is 'app-v1.0.0.tar.gz', expected 'app-v1.1.0.tar.gz'"), line
+    wait_until(lambda: served_manifest(site.gw.url)["version"] == "1.0.0", 5, "1.0.0 still served")
