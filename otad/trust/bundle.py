@@ -39,7 +39,7 @@ def parse_bundle(data: bytes) -> Bundle:
         raise MalformedMetadata(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... (fuzzing)
         raise MalformedMetadata("bundle is not valid JSON") from None
     if not isinstance(doc, dict):
         raise MalformedMetadata("bundle is not a JSON object")
