@@ -37,6 +37,13 @@ fi
 (cd "$src" && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b)
 
 echo "make deb: lintian"
+if ! PATH=/usr/sbin:/usr/bin:/sbin:/bin command -v lintian >/dev/null; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "make deb: lintian is missing; install it as root: apt-get install lintian" >&2
+        exit 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends lintian
+fi
 env PATH=/usr/sbin:/usr/bin:/sbin:/bin lintian --fail-on error "$out"/otad_*.changes || {
     echo "make deb: lintian reports errors (above)" >&2
     exit 1

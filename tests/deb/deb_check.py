@@ -14,7 +14,7 @@ of the packages would see:
   `journalctl -u otad-robot` says so with its reason; telemetry reaches the dashboard;
 - `kill -STOP` of a daemon makes systemd's watchdog restart it;
 - `systemctl reload` re-reads the config (a changed OTA_DIR takes effect, same PID);
-- an upgrade (reinstall) keeps the state and restarts the running daemons;
+- an upgrade to a newer version keeps the state and restarts the running daemons;
 - `apt purge` stops the units and removes the packages, the state and the user;
 - `systemd-analyze security` exposure per unit (<= 2.5 for gateway, dashboard, agent).
 
@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -136,8 +137,8 @@ class Check:
     def configure(self) -> None:
         self.step("configure: a release key, tokens, the four config files, the robot's app unit")
         box, dport, gport = self.box, self.dashboard_port, self.gateway_port
-        box.run(f"mkdir -p /root/ci /etc/otad/keys /srv/otad/ota /srv/otad/ota-stable"
-                f" && otad-release keygen --output-prefix /root/ci/release && cp /root/ci/release.pub /etc/otad/keys/",
+        box.run("mkdir -p /root/ci /etc/otad/keys /srv/otad/ota /srv/otad/ota-stable"
+                " && otad-release keygen --output-prefix /root/ci/release && cp /root/ci/release.pub /etc/otad/keys/",
                 env={"COSIGN_PASSWORD": PASSWORD})
         box.write("/etc/otad/gateway-tokens", "gw1 gateway-token-0123456789\n", 0o600)
         box.write("/etc/otad/gateway.token", "gateway-token-0123456789\n", 0o600)
@@ -295,17 +296,43 @@ class Check:
                 raise CheckFailed(f"reload restarted {unit}")
         log("   otad-gateway, otad-robot, telemetry-agent: 'reloaded config from /etc/otad/...', same pids")
 
+    def upgraded_debs(self) -> list[str]:
+        """The same packages as version V+upgrade1, so dpkg really upgrades (postinst configure V)."""
+        work = self.box.workdir / "upgrade"
+        target = self.box.root / "root" / "upgrade"
+        target.mkdir(parents=True)
+        names = []
+        for deb in sorted(DEBS.glob("*.deb")):
+            tree = work / deb.stem
+            subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+            control = tree / "DEBIAN" / "control"
+            text = control.read_text()
+            version = re.search(r"^Version: (\S+)$", text, re.M).group(1)  # type: ignore[union-attr]
+            newer = f"{version}+upgrade1"
+            control.write_text(text.replace(f"Version: {version}\n", f"Version: {newer}\n").replace(f"(= {version})", f"(= {newer})"))
+            name = f"{deb.name.split('_')[0]}_{newer}_all.deb"
+            subprocess.run(["dpkg-deb", "--build", str(tree), str(target / name)], check=True, stdout=subprocess.DEVNULL)
+            names.append(f"/root/upgrade/{name}")
+        return names
+
     def upgrade(self) -> None:
-        self.step("upgrade (apt reinstall): state kept, running daemons restarted")
+        self.step("upgrade to a newer version with apt: state kept, running daemons restarted")
         before = {unit: self.show(unit, "MainPID") for unit in UNITS}
-        self.box.run("apt-get install -y -q --reinstall " + " ".join(f"/root/{d.name}" for d in sorted(DEBS.glob("*.deb"))), timeout=300)
+        result = self.box.run("apt-get install -y -q " + " ".join(self.upgraded_debs()), timeout=300)
+        summary = next((l for l in result.stdout.splitlines() if "upgraded," in l), "")
+        if not summary.startswith(f"{len(PACKAGES)} upgraded"):
+            raise CheckFailed(f"expected {len(PACKAGES)} packages upgraded: {summary!r}")
         for unit in UNITS:
             wait_until(lambda: self.running(unit) and self.show(unit, "MainPID") != before[unit], 60, f"{unit} restarted")
         status = self.robot_status()
         if status["current"] != "1.0.0" or "1.1.0" not in status["blacklist"]:
             raise CheckFailed(f"the upgrade lost the robot's state: {status}")
+        gateway = self.show("otad-gateway", "StatusText")
+        if "serving app 1.1.0" not in gateway:
+            raise CheckFailed(f"the upgrade lost the gateway's cache: {gateway!r}")
+        log(f"   {summary}")
         log(f"   new pids {[self.show(u, 'MainPID') for u in UNITS]} (were {list(before.values())}); "
-            f"robot CURRENT {status['current']}, blacklist {status['blacklist']}")
+            f"robot CURRENT {status['current']}, blacklist {status['blacklist']}; gateway {gateway!r}")
 
     def exposure(self) -> dict[str, float]:
         self.step("systemd-analyze security (inside the booted container)")
@@ -365,6 +392,8 @@ def main() -> int:
     missing = [tool for tool in ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage") if shutil.which(tool) is None]
     if missing:
         return skip(f"missing {', '.join(missing)} (apt-get install systemd-container debootstrap util-linux dpkg-dev)")
+    # A CI timeout's SIGTERM must still power the container off and remove its folder.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     log("== make deb: building the packages")
     subprocess.run([str(REPO / "tests/deb/build-debs.sh"), str(DEBS)], check=True)
@@ -387,8 +416,8 @@ def main() -> int:
         check.exposure()
         check.purge()
         check.report(started)
-    except (CheckFailed, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        failure = str(exc)
+    except Exception as exc:  # any failure: report it, show the journals, clean up, exit 1
+        failure = str(exc) if isinstance(exc, CheckFailed) else f"{type(exc).__name__}: {exc}"
         if box.pid1:
             for unit in UNITS + ["robot-app"]:
                 tail = box.run(f"journalctl -u {unit} --no-pager -o cat -n 15", check=False).stdout
