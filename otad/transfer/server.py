@@ -199,9 +199,14 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.settimeout(self.server.limits.idle_timeout)
 
     def finish(self) -> None:
-        super().finish()
-        if self.close_connection:
-            self._drain()
+        try:
+            super().finish()
+            if self.close_connection:
+                self._drain()
+        finally:
+            if self.server.ssl_context is not None:
+                # wrap_socket detached the accepted socket: socketserver's own close no longer reaches it.
+                self.connection.close()
 
     def _drain(self) -> None:
         """A lingering close, as nginx does: after an early answer (401, 413, 431) the client may
