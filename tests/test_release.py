@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -281,3 +283,56 @@ def test_symlink_chain_that_leads_out_is_refused(tmp_path, keypair):
     os.symlink("..", app / "sub" / "up")  # the app folder itself: fine alone
     os.symlink("sub/up/..", app / "esc")  # reads as "sub", resolves to the app's parent
     assert_one_line_error(build(app, tmp_path / "out", key, "1.0.0"), "resolves outside")
+
+
+def test_manifest_is_signed_and_expires_after_the_given_days(tmp_path, keypair):
+    key, pub = keypair
+    app = make_app(tmp_path / "app", "1.0.0")
+    before = time.time()
+    result = otad_release("build", "--app-dir", str(app), "--version", "1.0.0", "--key", str(key), "--out", str(tmp_path / "out"),
+                          "--expires-in", "2.5", "--allow-downgrade", env={"SOURCE_DATE_EPOCH": "0"})
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    expires = datetime.fromisoformat(doc["expires"].replace("Z", "+00:00")).timestamp()
+    assert before + 2.5 * 86400 - 1 <= expires <= time.time() + 2.5 * 86400  # from the wall clock, not SOURCE_DATE_EPOCH
+    assert doc["created"] == "1970-01-01T00:00:00Z" and doc["allow_downgrade"] is True
+    verified = verify_manifest(tmp_path / "out", pub)
+    assert verified.returncode == 0, verified.stderr
+    assert f"verified manifest.json (key release.pub, expires {doc['expires']}, allows a downgrade)" in verified.stdout
+    soon = otad_release("build", "--app-dir", str(app), "--version", "1.0.0", "--key", str(key), "--out", str(tmp_path / "o"),
+                        "--expires-in", "soon")
+    assert_one_line_error(soon, "'soon' is not a number of days")
+
+
+def test_an_expired_release_does_not_verify(tmp_path, keypair):
+    key, pub = keypair
+    app = make_app(tmp_path / "app", "1.0.0")
+    assert otad_release("build", "--app-dir", str(app), "--version", "1.0.0", "--key", str(key), "--out", str(tmp_path / "out"),
+                        "--expires-in", "-1").returncode == 0
+    assert_one_line_error(verify_manifest(tmp_path / "out", pub), "manifest expired at", "24 hours ago")
+
+
+def test_an_edited_manifest_is_re_signed_with_sign_and_only_then_published(release, tmp_path):
+    """The operator's refresh: push `expires` out, re-sign with `otad-release sign`, publish."""
+    out, pub = release
+    path = out / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["expires"] = "2099-01-01T00:00:00Z"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    assert_one_line_error(verify_manifest(out, pub), "manifest signature")
+    ota = tmp_path / "ota"
+    assert_one_line_error(otad_release("publish", "--from", str(out), "--to", str(ota)), "does not sign this manifest.json")
+    assert not (ota / "manifest.json").exists()
+    signed = otad_release("sign", "--key", str(pub.with_suffix(".key")), "--bundle", str(out / "manifest.json.bundle"), str(path))
+    assert signed.returncode == 0, signed.stderr
+    verified = verify_manifest(out, pub)
+    assert verified.returncode == 0 and "expires 2099-01-01T00:00:00Z" in verified.stdout, verified.stderr
+    assert otad_release("publish", "--from", str(out), "--to", str(ota)).returncode == 0
+    assert (ota / "manifest.json").read_bytes() == path.read_bytes()
+    assert (ota / "manifest.json.bundle").read_bytes() == (out / "manifest.json.bundle").read_bytes()
+
+
+def test_publish_refuses_a_manifest_without_its_bundle(release, tmp_path):
+    out, _ = release
+    (out / "manifest.json.bundle").unlink()
+    assert_one_line_error(otad_release("publish", "--from", str(out), "--to", str(tmp_path / "ota")), "manifest.json.bundle is missing")

@@ -16,6 +16,8 @@ from otad.errors import BadSignature, ChecksumMismatch, MalformedMetadata, Untru
 from otad.trust.digest import digest_file
 from otad.trust.keys import load_public_key_files
 from otad.trust.manifest import parse_manifest
+from otad.trust.metadata import ExpiredManifest, UnsignedManifest, verify_manifest
+from otad.trust.rollback import decide_install, next_floor
 from otad.trust.verify import TrustAnchors, verify_artifact
 
 
@@ -91,3 +93,71 @@ def test_checksum_file_for_another_artifact(built):
     with pytest.raises(MalformedMetadata, match="checksum file names"):
         run(out, manifest, anchors, checksum=f"{manifest.sha256}  other.tar.gz\n".encode())
 
+
+
+# -- the manifest itself: verify_manifest (signature, names, expiry) -------------------------
+
+
+def manifest_pair(out):
+    return (out / "manifest.json").read_bytes(), (out / "manifest.json.bundle").read_bytes()
+
+
+def test_manifest_verifies_and_names_its_key(built):
+    out, manifest, anchors = built
+    signed = verify_manifest(*manifest_pair(out), anchors, now=manifest.expires_epoch - 1)
+    assert signed.manifest == manifest and signed.key == "release.pub" and signed.expired_for == 0
+
+
+@pytest.mark.parametrize("past,grace,accepted", [(1, 0, False), (0, 0, True), (3600, 7200, True), (7201, 7200, False)])
+def test_manifest_expiry_and_grace_at_explicit_times(built, past, grace, accepted):
+    out, manifest, anchors = built
+    now = manifest.expires_epoch + past
+    if accepted:
+        assert verify_manifest(*manifest_pair(out), anchors, now=now, grace=grace).expired_for == past
+    else:
+        with pytest.raises(ExpiredManifest, match=f"manifest expired at {manifest.expires}"):
+            verify_manifest(*manifest_pair(out), anchors, now=now, grace=grace)
+
+
+def test_manifest_changed_by_one_byte_or_unsigned_is_refused(built):
+    out, manifest, anchors = built
+    data, bundle = manifest_pair(out)
+    with pytest.raises(ChecksumMismatch, match="manifest signature: bundle messageDigest"):
+        verify_manifest(data.replace(b'"size"', b'"size" '), bundle, anchors, now=None)
+    with pytest.raises(UnsignedManifest):
+        verify_manifest(data, b"", anchors, now=None)
+    with pytest.raises(MalformedMetadata):
+        verify_manifest(data, (out / manifest.bundle).read_bytes()[:20], anchors, now=None)
+
+
+def test_manifest_bundle_of_the_artifact_is_not_a_manifest_signature(built):
+    """Mix-and-match: the artifact's (valid) bundle presented as the manifest's."""
+    out, manifest, anchors = built
+    with pytest.raises(ChecksumMismatch):
+        verify_manifest((out / "manifest.json").read_bytes(), (out / manifest.bundle).read_bytes(), anchors, now=None)
+
+
+# -- anti-rollback: decide_install -----------------------------------------------------------
+@pytest.mark.parametrize("candidate,current,highest,signed,robot,install,reason", [
+    ("1.0.0", None, None, False, True, True, "first release"),
+    ("1.1.0", "1.0.0", "1.0.0", False, True, True, "newer"),
+    ("1.0.0", "1.0.0", "1.0.0", False, True, False, "is CURRENT"),
+    ("0.9.0", "1.0.0", "1.0.0", False, True, False, "lower than CURRENT 1.0.0"),
+    ("1.5.0", "1.0.0", "2.0.0", False, True, False, "lower than the highest committed version 2.0.0"),
+    ("2.0.0", "1.0.0", "2.0.0", False, True, True, "newer"),  # back up to the floor itself
+    ("1.0.0-rc.1", "1.0.0", None, False, True, False, "lower than CURRENT"),
+    ("0.9.0", "1.0.0", "1.0.0", True, True, True, "downgrade authorised"),
+    ("0.9.0", "1.0.0", "1.0.0", True, False, False, "ALLOW_DOWNGRADE=no"),
+    ("3.0.0", "2.0.0", "2.0.0", False, True, True, "newer"),
+])
+def test_decide_install(candidate, current, highest, signed, robot, install, reason):
+    decision = decide_install(candidate, current, highest, [], signed, robot)
+    assert decision.install is install and reason in decision.reason
+
+
+def test_blacklisted_is_quiet_and_floor_moves_only_up_unless_authorised():
+    assert decide_install("2.0.0", "1.0.0", None, ["2.0.0"]).quiet
+    assert next_floor("2.0.0", "1.5.0", downgrade=False) == "2.0.0"
+    assert next_floor("2.0.0", "2.1.0", downgrade=False) == "2.1.0"
+    assert next_floor("2.0.0", "1.5.0", downgrade=True) == "1.5.0"
+    assert next_floor(None, "1.0.0", downgrade=False) == "1.0.0"
