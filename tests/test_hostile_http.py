@@ -255,3 +255,25 @@ def test_a_group_readable_token_file_gets_a_warning(tmp_path, keypair):
         assert post_records(gw.url, "r1", [metric("r1", 1)]).status_code == 200
     finally:
         site.stop_all()
+
+
+def test_token_lookup_compares_every_entry_in_full(monkeypatch):
+    """No early exit and equal-length operands: a lookup's time says nothing about the token.
+    (Timing itself is not measured in tests; this checks the construction that makes it flat.)"""
+    import hmac
+
+    from otad.telemetry import tokens
+
+    calls: list[tuple[int, int]] = []
+    original = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((len(a), len(b)))
+        return original(a, b)
+
+    monkeypatch.setattr(tokens.hmac, "compare_digest", counting)
+    table = tokens.TokenTable([(f"r{i}", f"token-{i:02d}-" + "x" * (16 + i)) for i in range(10)])
+    for presented, expected in (("token-00-" + "x" * 16, "r0"), ("token-09-" + "x" * 25, "r9"), ("wrong", None), ("", None)):
+        calls.clear()
+        assert table.identify(presented) == expected
+        assert calls == [(32, 32)] * 10, presented
