@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 
 from harness import wait_until
 
@@ -65,6 +66,12 @@ def wait_for_line(proc: subprocess.Popen, out: Path, text: str, timeout: float) 
         return None
 
     return wait_until(seen, timeout, f"the demo to print {text!r}", interval=0.2)
+
+
+def records_at(url: str) -> int:
+    """How many telemetry records the dashboard holds, from its /status.json."""
+    doc = requests.get(f"{url}/status.json", timeout=10).json()
+    return sum(robot["records"] for robot in doc["robots"])
 
 
 def dashboard_rows(work: Path) -> list[tuple[str, int, str, str]]:
@@ -122,17 +129,22 @@ def test_ctrl_c_stops_the_running_fleet_and_leaves_no_process(tmp_path):
     tag = uuid.uuid4().hex
     proc, out = start_demo(tmp_path, tag)
     try:
-        wait_for_line(proc, out, "fleet running until Ctrl-C:", 240)
+        output = wait_for_line(proc, out, "fleet running until Ctrl-C:", 240)
         assert len(tagged_processes(tag)) >= 9  # the demo, 8 daemons, maybe a health check of theirs
+        # Let the fleet run a while first, as a user exploring it would: long enough for a
+        # daemon to block if the demo stopped reading its notify socket (10 datagrams queue).
+        url = re.search(r"fleet status page: (http://\S+)/status", output)[1]
+        start = records_at(url)
+        wait_until(lambda: records_at(url) >= start + 45, 60, "15 s worth of telemetry from the running fleet", interval=0.5)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
-        assert proc.wait(60) == 0
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     output = out.read_text()
     assert "demo: SIGINT received, stopping the fleet" in output
-    assert "demo: stopped 8 processes\n" in output, output[-1000:]
+    assert "demo: stopped 8 processes\n" in output, output[-1000:]  # each stopped by SIGTERM, none needed SIGKILL
     assert tagged_processes(tag) == []
     assert not list(tmp_path.glob("otad-demo-*")), "the demo's temporary folder was left behind"
 
@@ -156,3 +168,23 @@ def test_stopping_the_demo_mid_story_leaves_no_process(tmp_path, sig):
     else:
         # The demo had no say: the kernel's parent-death signal takes its daemons down.
         wait_until(lambda: tagged_processes(tag) == [], 15, "the daemons of a kill -9'd demo to die")
+
+
+def test_the_demo_keeps_reading_a_notify_socket_so_no_daemon_blocks(tmp_path):
+    """Linux queues 10 datagrams on a unix socket (net.unix.max_dgram_qlen); a reader that
+    stops reading makes the daemon's next sd_notify block its main loop, and it can no
+    longer stop on SIGTERM. The demo's stand-in for systemd must read all the time."""
+    import socket
+
+    from otad.demo.procs import StatusSocket
+
+    listener = StatusSocket(tmp_path / "gateway.notify")
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.settimeout(5)  # blocking, as sdnotify is; a timeout here is the daemon hanging
+    try:
+        for step in range(200):
+            sender.sendto(f"STATUS=telemetry: {step} pending".encode(), listener.path)
+        wait_until(lambda: listener.poll() == "telemetry: 199 pending", 10, "the last STATUS= to be read")
+    finally:
+        sender.close()
+        listener.close()

@@ -139,8 +139,11 @@ class Fleet:
         return [f"{c.name} (exit {c.proc.returncode})" for c in self.children if not c.running()]
 
     def stop(self) -> list[str]:
-        """Stop robots and agents first, then the gateway, then the dashboard."""
-        forced = stop_all(list(reversed(self.children)))
+        """Robots and agents first, then the gateway, then the dashboard: each tier's peer is still up while it stops."""
+        last = [c for c in (self.gateway, self.dashboard) if c is not None]
+        forced = stop_all([c for c in self.children if c not in last])
+        for child in last:
+            forced += stop_all([child])
         for proxy in self.proxies:
             proxy.close()
         return forced

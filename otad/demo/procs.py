@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,29 +36,43 @@ def _die_with_parent(parent: int) -> None:
 
 
 class StatusSocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET; keeps the last STATUS=."""
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; keeps the last STATUS=.
+
+    A thread reads it all the time, as systemd does: a notify socket nobody reads
+    fills up, and a daemon's next sd_notify would block its main loop.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.5)
         self.status = ""
         self.ready = False
+        self._closing = False
+        self._thread = threading.Thread(target=self._read, name=f"notify {path.name}", daemon=True)
+        self._thread.start()
 
-    def poll(self) -> str:
-        while True:
+    def _read(self) -> None:
+        while not self._closing:
             try:
                 message = self.sock.recv(65536).decode("utf-8", "replace")
-            except (BlockingIOError, OSError):
-                return self.status
+            except socket.timeout:
+                continue
+            except OSError:
+                return
             for line in message.splitlines():
                 if line.startswith("STATUS="):
                     self.status = line[len("STATUS="):]
                 elif line == "READY=1":
                     self.ready = True
 
+    def poll(self) -> str:
+        return self.status
+
     def close(self) -> None:
+        self._closing = True
+        self._thread.join(2)
         self.sock.close()
 
 
