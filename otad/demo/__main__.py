@@ -19,7 +19,7 @@ from pathlib import Path
 
 from otad.demo.fleet import GATEWAY_ID, ROBOTS, Fleet
 from otad.demo.procs import BIN
-from otad.demo.releases import StepFailed, generate_key
+from otad.demo.releases import BUILD_RELEASE, StepFailed, generate_key
 from otad.demo.story import BAD, GOOD, OUTAGE_S, Story
 
 PLAN = f"""otad demo: a fleet on this machine (loopback only, no root)
@@ -31,6 +31,16 @@ PLAN = f"""otad demo: a fleet on this machine (loopback only, no root)
   4. publish {BAD}, whose self-test fails: every robot rolls back to {GOOD[1]} and blacklists {BAD}
   5. take the WAN down for {OUTAGE_S:.0f}s: the gateway buffers telemetry; bring it back: the backlog flushes
   6. print a summary; then the fleet stays up for you to explore, and Ctrl-C stops all of it"""
+
+
+EXPLORE = """
+to explore, in another terminal:
+  ls {work}/etc   # every daemon's config and token files
+  {bin}/otadctl --config {work}/etc/robot-1.conf status
+  {bin}/otadctl --config {work}/etc/robot-1.conf unblacklist {bad}   # robot-1 tries {bad} again, rolls back again
+  # a new release, v1.3.0:
+  echo 1.3.0 > {work}/app-1.1.0/VERSION && COSIGN_PASSWORD=demo COSIGN_KEY={key} \\
+    OTAD_RELEASE={bin}/otad-release {build} {work}/app-1.1.0 {work}/out-1.3.0 {work}/ota"""
 
 
 class Interrupted(Exception):
@@ -62,10 +72,12 @@ def main() -> int:
         story.summary(story_ok)
         if once:
             return 0 if story_ok else 1
+        print(EXPLORE.format(work=work, key=key, build=BUILD_RELEASE, bad=BAD, bin=BIN))
         print(f"\nfleet running until Ctrl-C: {fleet.dashboard.url}/status  (logs in {work / 'logs'})", flush=True)
         reported: set[str] = set()
         while True:
-            time.sleep(1)
+            time.sleep(0.5)
+            story.sample()  # progress of whatever you do meanwhile
             for dead in set(fleet.dead()) - reported:
                 print(f"demo: {dead} stopped; see {work / 'logs'}", flush=True)
                 reported.add(dead)

@@ -55,17 +55,15 @@ def robot_view(paths: RobotPaths, sizes: dict[str, tuple[str, int]]) -> RobotVie
     current = AppDir(paths.app_dir).target("CURRENT")
     phase, target, percent = state.phase, state.target, None
     for part in sorted((paths.state_dir / "downloads").glob("*.part")):
-        known = sizes.get(part.name.removesuffix(".part"))
-        if known is None:
-            continue
-        version, size = known
+        # A release the demo did not publish itself (you, by hand): its name, no percentage.
+        version, size = sizes.get(part.name.removesuffix(".part"), (part.name.removesuffix(".part"), 0))
         try:
             have = part.stat().st_size
         except FileNotFoundError:
             continue
-        percent = min(100, 100 * have // size) if size else 100
+        percent = min(100, 100 * have // size) if size else None
         if phase == "idle":
-            phase, target = ("downloading" if have < size else "verifying"), version
+            phase, target = ("downloading" if not size or have < size else "verifying"), version
     return RobotView(paths.robot_id, current, phase, target, percent, tuple(state.blacklist), state.last_failure)
 
 
