@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make deb-check`: otad's Debian packages, installed with apt, running under a real systemd.
 
-Builds the .debs (tests/deb/build-debs.sh), boots a fresh copy of a cached
+Builds the .debs (tests/deb/build-debs.sh, into a private folder), boots a fresh copy of a cached
 Debian bookworm root with `systemd-nspawn --boot`, installs the .debs there
 with apt (dependencies from Debian's archive, no pip), and checks what a user
 of the packages would see:
@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from container import CheckFailed, Container, log, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-DEBS = REPO / "build" / "deb"
+# Set per run in main(): a private folder, so that concurrent runs never share .debs.
+DEBS = Path()
 CACHE = Path(os.environ.get("OTAD_DEB_CHECK_CACHE", "/var/cache/otad-deb-check"))
 PACKAGES = ["python3-otad", "otad-gateway", "otad-robot", "otad-telemetry-agent", "otad-dashboard", "otad-release"]
 UNITS = ["otad-dashboard", "otad-gateway", "otad-robot", "telemetry-agent"]
@@ -397,8 +399,14 @@ def main() -> int:
     # A CI timeout's SIGTERM must still power the container off and remove its folder.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
-    log("== make deb: building the packages")
-    subprocess.run([str(REPO / "tests/deb/build-debs.sh"), str(DEBS)], check=True)
+    global DEBS
+    DEBS = Path(tempfile.mkdtemp(prefix="otad-deb-check-debs.", dir="/var/tmp"))
+    log(f"== make deb: building the packages into {DEBS}")
+    try:
+        subprocess.run([str(REPO / "tests/deb/build-debs.sh"), str(DEBS)], check=True)
+    except BaseException:
+        shutil.rmtree(DEBS, ignore_errors=True)
+        raise
     built = time.monotonic()
     box = Container(CACHE, f"otad-check-{os.getpid()}")
     failure: str | None = None
@@ -425,6 +433,7 @@ def main() -> int:
                 tail = box.run(f"journalctl -u {unit} --no-pager -o cat -n 15", check=False).stdout
                 log(f"---- journalctl -u {unit} (last lines)\n{tail}")
     finally:
+        shutil.rmtree(DEBS, ignore_errors=True)
         try:
             box.destroy()
         except CheckFailed as exc:
