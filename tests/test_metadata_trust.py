@@ -192,3 +192,23 @@ def test_key_rotation_add_new_sign_with_new_remove_old(site):
     site.release("1.3.0", key=new_key)
     robot.wait_for_log("installed app 1.3.0")
     assert current_version(site.root / "robot-app") == "1.3.0"
+
+
+def test_refreshing_an_expired_release_gets_it_through(site):
+    """CI forgot to refresh: the manifest expired before it was even published. `otad-release
+    refresh` gives it a new expiry and signs it again; published again, the gateway takes it."""
+    site.release("1.0.0")
+    gw = site.gateway().start()
+    wait_for_version(gw.url, "1.0.0")
+    out = site.build("2.0.0", args=("--expires-in", "-1"))
+    site.publish(out)
+    gw.wait_for_log(r"rejected app 2\.0\.0: manifest expired at")
+    before = json.loads((out / "manifest.json").read_text())
+    refreshed = otad_release("refresh", "--from", str(out), "--expires-in", "7", "--key", str(site.key))
+    assert refreshed.returncode == 0, refreshed.stderr
+    after = json.loads((out / "manifest.json").read_text())
+    assert {k: v for k, v in after.items() if k != "expires"} == {k: v for k, v in before.items() if k != "expires"}
+    assert after["expires"] > before["expires"]
+    site.publish(out)
+    wait_for_version(gw.url, "2.0.0")
+    assert served_manifest(gw.url)["expires"] == after["expires"]

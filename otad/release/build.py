@@ -8,6 +8,7 @@ artifacts first, then manifest.json.bundle, then manifest.json (each by rename).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -95,6 +96,19 @@ def write_signed_manifest(out: Path, data: bytes, signer: Signer) -> None:
     """manifest.json.bundle first, manifest.json last: never a manifest without its bundle."""
     atomic_write_bytes(out / MANIFEST_BUNDLE, sign_bytes(out, data, signer))
     atomic_write_bytes(out / MANIFEST, data)
+
+
+def refresh_manifest(out_dir: str, signer: Signer, expires_in_days: float) -> Manifest:
+    """A new `expires` for a built (or published) release's manifest, signed again.
+
+    Everything else stays; the artifact is untouched, so publishing the folder
+    again sends gateways only the new manifest and its bundle."""
+    out = Path(out_dir)
+    manifest = dataclasses.replace(read_manifest_file(out / MANIFEST), expires=utc_timestamp(time.time() + expires_in_days * 86400))
+    if manifest.signature != signer.kind:
+        raise ReleaseError(f"{out / MANIFEST} is signed with {manifest.signature}; refresh it with a {manifest.signature} key")
+    write_signed_manifest(out, render_manifest(manifest), signer)
+    return manifest
 
 
 def read_manifest_file(path: str | os.PathLike[str]) -> Manifest:

@@ -1,4 +1,4 @@
-"""`otad-release`: keygen, sign, verify, build, publish. Thin: parse, call, report."""
+"""`otad-release`: keygen, sign, verify, build, refresh, publish. Thin: parse, call, report."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,14 @@ from pathlib import Path
 from otad.cli import ArgumentParser, run
 from otad.errors import KeyFileError
 from otad.fsutil import atomic_write_bytes, create_exclusive
-from otad.release.build import DEFAULT_EXPIRES_DAYS, MANIFEST, build_release, publish_release, read_manifest_file
+from otad.release.build import (
+    DEFAULT_EXPIRES_DAYS,
+    MANIFEST,
+    build_release,
+    publish_release,
+    read_manifest_file,
+    refresh_manifest,
+)
 from otad.release.signers import CosignSigner, GpgSigner, Signer
 from otad.trust.digest import digest_file
 from otad.trust.keys import generate_key_pair, load_private_key, load_public_key_files
@@ -128,6 +135,13 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_refresh(args) -> int:
+    manifest = refresh_manifest(args.from_dir, _signer(args), args.expires_in)
+    print(f"{manifest.name} {manifest.version}: manifest now expires {manifest.expires}; "
+          f"publish {args.from_dir} again to send it out")
+    return 0
+
+
 def cmd_publish(args) -> int:
     manifest = publish_release(args.from_dir, args.to_dir)
     print(f"published {manifest.name} {manifest.version} to {args.to_dir}")
@@ -185,6 +199,12 @@ def make_parser() -> ArgumentParser:
                    help="authorise robots that run a higher version to go down to this one")
     _add_signing_options(p)
     p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("refresh", help="give a built release's manifest a new expiry and sign it again")
+    p.add_argument("--from", dest="from_dir", required=True, metavar="OUTDIR")
+    p.add_argument("--expires-in", type=_days, default=DEFAULT_EXPIRES_DAYS, metavar="DAYS")
+    _add_signing_options(p)
+    p.set_defaults(handler=cmd_refresh)
 
     p = sub.add_parser("publish", help="copy a built release into the dashboard's OTA folder")
     p.add_argument("--from", dest="from_dir", required=True, metavar="OUTDIR")
