@@ -26,7 +26,7 @@ class RobotState:
     previous: str | None = None  # CURRENT before the activation
     previous_old: str | None = None  # OLD before the activation
     committed: str | None = None  # what CURRENT is when idle
-    highest_committed: str | None = None
+    highest_committed: str | None = None  # with CURRENT, the anti-rollback floor (otad/trust/rollback.py)
     attempts: dict[str, int] = field(default_factory=dict)
     blacklist: list[str] = field(default_factory=list)
     last_failure: dict | None = None  # {"version", "reason", "at"}
