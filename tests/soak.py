@@ -83,6 +83,16 @@ class Schedule:
                 flap = topo.cut_download_after(host, rng.randrange(16 * KIB, 512 * KIB), rng.uniform(1, 6), timeout=30)
                 self.flaps.append((f"link:{host}", flap))
 
+    def kill_mid_install(self, now: float, chance: float = 0.05) -> None:
+        """Now and then, kill -9 a robot that is unpacking, activating or self-testing."""
+        busy = self.busy()
+        for robot in self.topo.robot_names:
+            if f"daemon:{robot}" in busy or self.topo.state(robot).get("phase") not in ("unpacking", "activating", "selftest"):
+                continue
+            if self.rng.random() < chance:
+                self.topo.kill9(robot, " mid-install")
+                self._later(now + self.rng.uniform(0, 2), f"daemon:{robot}", lambda r=robot: self.topo.start_daemon(r))
+
     def _later(self, due: float, target: str, action) -> None:
         self.undo.append((due, target, action))
 
@@ -126,6 +136,7 @@ def run(seconds: int, seed: int) -> int:
         while (now := time.monotonic()) < chaos_start + seconds:
             schedule.undo_due(now)
             publish_due(plan, now - chaos_start)
+            schedule.kill_mid_install(now)
             if now >= next_fault:
                 schedule.inject(now)
                 next_fault = now + rng.uniform(0.5, 4)
@@ -159,7 +170,7 @@ def build_releases(topo: Topology, sampler: CurrentSampler, seconds: int):
     for number in range(1, n_good + 1):
         version = f"1.{number}.0"
         size = 1024 * KIB if number % 3 == 0 else 256 * KIB
-        out = topo.site.build(version, size=size, selftest="sleep 0.2")
+        out = topo.site.build(version, size=size, selftest="sleep 0.5")
         plan.append((seconds * (0.05 + 0.65 * (number - 1) / max(1, n_good - 1)), None, lambda o=out: _publish(topo, sampler, o)))
         good.append(version)
     tampered, failing = f"1.{n_good + 1}.0", f"1.{n_good + 2}.0"
@@ -221,7 +232,13 @@ def converge_and_check(topo: Topology, sampler: CurrentSampler, schedule: Schedu
         print(f"soak: {exc}")
     converge_s = time.monotonic() - began
     sampler.stop()
-    # Telemetry: stop the agents, let the gateway flush, then compare spools with the dashboard.
+    # Telemetry: let the agents catch up (one may be in backoff after a fault), stop them,
+    # let the gateway flush, then compare the spools with the dashboard.
+    try:
+        wait_until(lambda: all(len(topo.agent_pending(r)) <= 1 for r in topo.robot_names), 60,
+                   "the agents' spools to drain", interval=0.2)
+    except AssertionError as exc:
+        print(f"soak: {exc}")
     for robot in topo.robot_names:
         topo.daemons[f"{robot}-agent"].stop()
     try:
@@ -284,7 +301,7 @@ def print_summary(topo, seed, seconds, chaos_s, converge_s, faults, schedule, re
     robot_logs = "".join(logs[r] for r in topo.robot_names)
     rollbacks = len(re.findall(r"rolled back app ", robot_logs))
     blacklists = len(re.findall(r"blacklisted app ", robot_logs))
-    crash_recoveries = len(re.findall(r"recovery: ", robot_logs))
+    crash_recoveries = len(re.findall(r"recovery: |: interrupted before the self-test passed", robot_logs))
     reconnects = len(re.findall(r"dashboard reachable again", logs["gateway"]))
     rejected = len(re.findall(rf"rejected app {re.escape(releases['tampered'])}", logs["gateway"]))
     print()
@@ -299,7 +316,7 @@ def print_summary(topo, seed, seconds, chaos_s, converge_s, faults, schedule, re
     print(f"{'recovery':<44}{'count':>8}")
     for what, count in [("faults undone (links up, daemons restarted)", schedule.recoveries),
                         ("gateway reconnects to the dashboard", reconnects),
-                        ("robot crash recoveries (recovery: lines)", crash_recoveries),
+                        ("robot installs undone after kill -9", crash_recoveries),
                         ("rollbacks", rollbacks), ("blacklists", blacklists),
                         (f"gateway rejections of tampered {releases['tampered']}", rejected)]:
         print(f"{what:<44}{count:>8}")

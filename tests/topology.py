@@ -235,8 +235,8 @@ class Topology:
     def start_dashboard(self) -> None:
         self.start_daemon("dashboard")
 
-    def kill9(self, name: str) -> None:
-        self._count(f"kill -9 {self.daemons[name].command}")
+    def kill9(self, name: str, kind: str = "") -> None:
+        self._count(f"kill -9 {self.daemons[name].command}{kind}")
         self.daemons[name].kill9()
 
     def restart(self, name: str, env: dict | None = None) -> NsDaemon:
