@@ -33,7 +33,8 @@ def version_colors(versions: list[str]) -> dict[str, str]:
 def donut(slices: list[tuple[str, int, str]], size: int = 160, label: str = "") -> str:
     """Slices of (name, count, colour) around a hole that holds `label`."""
     total = sum(count for _, count, _ in slices)
-    radius, width = size / 2 - 8, size / 6
+    width = size / 6
+    radius = (size - width) / 2 - 2  # the whole stroke inside the view box
     center = size / 2
     parts = [f'<svg class="donut" viewBox="0 0 {size} {size}" width="{size}" height="{size}" role="img"'
              f' aria-label="{escape(label)}">']

@@ -241,7 +241,7 @@ def _timeline(doc: dict) -> str:
         left = 100 * min(max(received - start, 0), width) / width
         marks = lanes.setdefault(lane, [])
         # Events are newest first; one that lands on a later one's spot steps left, so both show.
-        nudge = nudges.get(lane, 0) + 1 if lane in last_left and last_left[lane] - left < 1.5 else 0
+        nudge = nudges.get(lane, 0) + 1 if lane in last_left and last_left[lane] - left < 3 else 0
         nudges[lane], last_left[lane] = nudge, left
         marks.append(f'<span class="tick k-{escape(kind)}" style="left:{left:.2f}%;--n:{nudge}">'
                      f"{event_mark(kind, title)}</span>")
@@ -312,7 +312,7 @@ h2{font-size:1.05rem;margin:0 0 .7rem}h2.section{margin:1.4rem 0 .6rem}h3{margin
 .tile.alert{border-top-color:#d7301f}.tile .k{color:var(--muted);font-size:.8rem;text-transform:uppercase;letter-spacing:.04em}
 .tile .big{font-size:1.7rem;font-weight:650}.tile .sub{color:var(--muted);font-size:.8rem}
 .row{display:grid;grid-template-columns:minmax(260px,1fr) 2fr;gap:1rem}.row>.card{margin:0}
-.split{display:flex;gap:1.2rem;align-items:center;flex-wrap:wrap}.donut-label{font-size:15px;font-weight:600;fill:var(--ink)}
+.split{display:flex;gap:1.2rem;align-items:center;flex-wrap:wrap}.donut{flex:none}.donut-label{font-size:15px;font-weight:600;fill:var(--ink)}
 .legend{list-style:none;margin:0;padding:0;flex:1;min-width:150px}.legend li{display:flex;gap:.5rem;align-items:center;padding:.2rem 0;border-bottom:1px solid var(--line)}
 .swatch{width:.8rem;height:.8rem;border-radius:3px;flex:none}.legend .v{font-weight:600;flex:1}.legend .pct{color:var(--muted);width:3rem;text-align:right}
 .gateway header{display:flex;align-items:center;gap:.7rem;flex-wrap:wrap}.facts{display:flex;flex-wrap:wrap;gap:.4rem 1.4rem;color:var(--muted);margin:.5rem 0 .8rem;font-size:.9rem}
@@ -338,6 +338,6 @@ tr.state-silent td{color:#98a2b3}tr.bad{background:var(--bad)}tr.bad td{color:#5
  table.robots tr,table.event-list tr{display:grid;grid-template-columns:1fr 1fr;gap:.1rem .8rem;padding:.5rem 0;border-bottom:1px solid var(--line)}
  table.robots td,table.event-list td{border:0;padding:.15rem 0}
  td[data-label]::before{content:attr(data-label);display:block;font-size:.7rem;text-transform:uppercase;color:var(--muted)}
- td.id{grid-column:1/-1;font-size:1.05rem}td.detail{grid-column:1/-1}.lane-name{width:5.5rem}.axis{margin-left:6.1rem}
+ .donut{width:120px;height:120px}td.id{grid-column:1/-1;font-size:1.05rem}td.detail{grid-column:1/-1}.lane-name{width:5.5rem}.axis{margin-left:6.1rem}
 }
 """
