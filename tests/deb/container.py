@@ -21,9 +21,9 @@ from pathlib import Path
 
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
-# What a booted, apt-capable system needs beyond minbase; the rest comes from
-# apt when the .debs are installed (procps: /bin/kill for ExecReload=).
-INCLUDE = "systemd,systemd-sysv,dbus,procps"
+# What a booted robot or gateway image has beyond minbase: an init and a system
+# bus. Everything else must come from the packages' dependencies through apt.
+INCLUDE = "systemd,systemd-sysv,dbus"
 ROOT_MARKER = ".otad-deb-check-root"
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -49,12 +49,14 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
 
 
 def cached_root(cache: Path) -> Path:
-    """CACHE/bookworm, made with debootstrap if missing (under a lock: one builder at a time)."""
+    """CACHE/bookworm, made with debootstrap if missing or made differently (under a lock: one builder at a time)."""
     cache.mkdir(parents=True, exist_ok=True)
     root = cache / SUITE
     with open(cache / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (root / ROOT_MARKER).exists():
+        recipe = f"debootstrap --variant=minbase --include={INCLUDE} {SUITE} {MIRROR}\n"
+        marker = root / ROOT_MARKER
+        if marker.exists() and marker.read_text() == recipe:
             return root
         staging = cache / f"{SUITE}.new"
         shutil.rmtree(staging, ignore_errors=True)
@@ -69,7 +71,7 @@ def cached_root(cache: Path) -> Path:
         # Booted copies get their own machine id at first boot.
         (staging / "etc/machine-id").write_text("")
         subprocess.run(["chroot", str(staging), "apt-get", "clean"], check=True, env={"PATH": PATH})
-        (staging / ROOT_MARKER).write_text(f"debootstrap --variant=minbase --include={INCLUDE} {SUITE} {MIRROR}\n")
+        (staging / ROOT_MARKER).write_text(recipe)
         staging.rename(root)
         log(f"   cached root built in {time.monotonic() - started:.0f}s")
         return root
