@@ -339,7 +339,12 @@ class Check:
             f"robot CURRENT {status['current']}, blacklist {status['blacklist']}; gateway cache {still_cached}")
 
     def exposure(self) -> dict[str, float]:
-        self.step("systemd-analyze security (inside the booted container)")
+        self.step("systemd-analyze verify and security (inside the booted container)")
+        units = " ".join(f"/lib/systemd/system/{u}.service" for u in UNITS)
+        verify = self.box.run(f"systemd-analyze verify {units}", check=False)
+        if verify.returncode != 0 or verify.stdout.strip() or verify.stderr.strip():
+            raise CheckFailed(f"systemd-analyze verify complains about the units:\n{verify.stdout}{verify.stderr}")
+        log("   systemd-analyze verify: no warnings for the four units")
         scores = {}
         for unit in UNITS:
             out = self.box.out(f"systemd-analyze security --no-pager {unit}.service", check=False)
@@ -403,10 +408,20 @@ def main() -> int:
     DEBS = Path(tempfile.mkdtemp(prefix="otad-deb-check-debs.", dir="/var/tmp"))
     log(f"== make deb: building the packages into {DEBS}")
     try:
-        subprocess.run([str(REPO / "tests/deb/build-debs.sh"), str(DEBS)], check=True)
+        build = subprocess.run([str(REPO / "tests/deb/build-debs.sh"), str(DEBS)], capture_output=True, text=True,
+                               stdin=subprocess.DEVNULL)
     except BaseException:
         shutil.rmtree(DEBS, ignore_errors=True)
         raise
+    if build.returncode != 0:
+        shutil.rmtree(DEBS, ignore_errors=True)
+        log(f"{build.stdout[-6000:]}{build.stderr[-6000:]}")
+        log(f"FAILED: deb-check: make deb exited {build.returncode} (output above)")
+        return 1
+    # The build log is long; keep what matters: build-time tests, lintian, the .debs.
+    for line in build.stdout.splitlines():
+        if re.search(r"passed|failed|^make deb:|^[EWI]: |\.deb$", line):
+            log(f"   {line}")
     built = time.monotonic()
     box = Container(CACHE, f"otad-check-{os.getpid()}")
     failure: str | None = None
