@@ -52,6 +52,7 @@ class Schedule:
         self.undo: list[tuple[float, str, object]] = []  # (due, target, action)
         self.flaps: list[tuple[str, object]] = []
         self.recoveries = 0
+        self.killed_mid_install: set[tuple[str, str | None]] = set()
 
     def busy(self) -> set[str]:
         self.flaps = [(t, f) for t, f in self.flaps if not f.restored.is_set()]
@@ -84,12 +85,19 @@ class Schedule:
                 self.flaps.append((f"link:{host}", flap))
 
     def kill_mid_install(self, now: float, chance: float = 0.05) -> None:
-        """Now and then, kill -9 a robot that is unpacking, activating or self-testing."""
+        """Now and then, kill -9 a robot that is unpacking, activating or self-testing.
+
+        At most once per robot and version: an install interrupted after activation counts
+        as a failed attempt (a release that crashes the robot looks just like that), and
+        MAX_ATTEMPTS of them rightly blacklist a release, which is not what this fault is about.
+        """
         busy = self.busy()
         for robot in self.topo.robot_names:
-            if f"daemon:{robot}" in busy or self.topo.state(robot).get("phase") not in ("unpacking", "activating", "selftest"):
+            state = self.topo.state(robot)
+            if f"daemon:{robot}" in busy or state.get("phase") not in ("unpacking", "activating", "selftest"):
                 continue
-            if self.rng.random() < chance:
+            if (robot, state.get("target")) not in self.killed_mid_install and self.rng.random() < chance:
+                self.killed_mid_install.add((robot, state.get("target")))
                 self.topo.kill9(robot, " mid-install")
                 self._later(now + self.rng.uniform(0, 2), f"daemon:{robot}", lambda r=robot: self.topo.start_daemon(r))
 
@@ -322,6 +330,7 @@ def print_summary(topo, seed, seconds, chaos_s, converge_s, faults, schedule, re
         print(f"{what:<44}{count:>8}")
     print()
     print(f"releases: good {', '.join(releases['good'])}; tampered {releases['tampered']}; self-test failing {releases['failing']}")
+    print("blacklisted: " + "; ".join(f"{r} {', '.join(topo.state(r).get('blacklist', [])) or '-'}" for r in topo.robot_names))
     print()
     cols = ["sent", "acked", "pending", "delivered", "lost", "duplicated", "reordered", "spool dropped"]
     print(f"{'robot':<8}" + "".join(f"{c:>14}" for c in cols))
