@@ -1,7 +1,10 @@
 """sd_notify for every otad daemon: readiness, watchdog, status, stopping.
 
 A no-op outside systemd (no NOTIFY_SOCKET). Uses python3-sdnotify, which
-handles abstract socket names and never raises.
+handles abstract socket names and never raises. The socket is made
+non-blocking: a reader that stops reading (the kernel queues only
+net.unix.max_dgram_qlen datagrams) must cost a lost STATUS line, never a main
+loop stuck in send() that no longer answers SIGTERM.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ class Notifier:
     def __init__(self) -> None:
         self._enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._sd = sdnotify.SystemdNotifier() if self._enabled else None
+        if self._sd is not None and self._sd.socket is not None:
+            self._sd.socket.setblocking(False)
         self._last_status = ""
         self.watchdog_interval = _watchdog_interval()
         self._next_ping = 0.0

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import threading
 
 import pytest
@@ -231,6 +232,32 @@ def test_systemd_notifications(site, tmp_path):
         assert any("STOPPING=1" in m for m in notify.drain())
     finally:
         notify.close()
+
+
+def test_a_notify_socket_nobody_reads_does_not_hang_the_daemon(site, tmp_path):
+    """The kernel queues only ~10 datagrams: past that a blocking send would freeze the main loop."""
+    notify = NotifySocket(tmp_path / "notify.sock")  # never drained
+    try:
+        gw = site.gateway(dashboard_url="http://127.0.0.1:9", env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "20000"})
+        gw.start()
+        gw.wait_for_log("ready")
+        wait_until(lambda: _datagram_queue_full(notify.path), 20, "the notify queue to fill with pings")
+        assert requests.get(f"{gw.url}/healthz", timeout=5).status_code == 200
+        assert gw.stop(timeout=10) == 0
+    finally:
+        notify.close()
+
+
+def _datagram_queue_full(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    probe.setblocking(False)
+    try:
+        probe.sendto(b"X-PROBE=1", path)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        probe.close()
 
 
 def test_ready_comes_after_the_listener_is_bound(site, tmp_path):
