@@ -117,7 +117,7 @@ class FaultProxy:
                             self.downstream_bytes += len(data)
                     else:
                         server.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket close() already shut
             return
         finally:
             _close(client)
