@@ -57,3 +57,14 @@ def make_app(root: Path, version: str, files: dict[str, bytes] | None = None) ->
     if (root / "bin" / "app").exists():
         (root / "bin" / "app").chmod(0o755)
     return root
+
+
+@pytest.fixture
+def site(tmp_path: Path, keypair: tuple[Path, Path]):
+    """A loopback site (tests/fleet.py) with its dashboard running; every daemon is killed afterwards."""
+    from fleet import Site  # fleet imports this module
+
+    s = Site(tmp_path, *keypair)
+    s.start_dashboard()
+    yield s
+    s.stop_all()

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from conftest import otad_release
-from fleet import Site, served_manifest, wait_for_version
+from fleet import served_manifest, wait_for_version
 from harness import run_command, wait_until
 from hostile_archives import BUILDERS, prepare_outside
 from invariants import current_version, robot_state
@@ -20,13 +20,10 @@ from test_robot_unpack import publish_signed, stage_signed
 
 
 @pytest.fixture
-def site(tmp_path, keypair):
-    key, pub = keypair
-    s = Site(tmp_path, key, pub)
-    s.start_dashboard()
-    s.gw = s.gateway().start()
-    yield s
-    s.stop_all()
+def site(site):
+    """conftest's site, plus a running gateway as site.gw."""
+    site.gw = site.gateway().start()
+    return site
 
 
 def app(site, name="robot"):

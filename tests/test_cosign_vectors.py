@@ -5,8 +5,6 @@ sigstore-rs and cosign; they are run through the real `otad-release` CLI.
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 

@@ -16,16 +16,7 @@ from conftest import otad_release
 from notify import NotifySocket
 from otad.demo.faultproxy import FaultProxy
 from harness import run_command, wait_until, write_config
-from fleet import Site, fetch_release, served_manifest, wait_for_version
-
-
-@pytest.fixture
-def site(tmp_path, keypair):
-    key, pub = keypair
-    s = Site(tmp_path, key, pub)
-    s.start_dashboard()
-    yield s
-    s.stop_all()
+from fleet import fetch_release, served_manifest, wait_for_version
 
 
 def cached_files(gateway_state) -> set[str]:

@@ -21,7 +21,7 @@ import requests
 
 from conftest import otad_release
 from fleet import GATEWAY_TOKEN, ROBOT_TOKEN, Site, dashboard_records, metric, post_records, robot_token, write_tokens
-from harness import Daemon, run_command, wait_until, write_config
+from harness import run_command, wait_until, write_config
 
 CORPUS = Path(__file__).parent / "corpus"
 HTTP_CASES = json.loads((CORPUS / "http-cases.json").read_text())
@@ -199,8 +199,7 @@ def test_tokens_rotate_without_downtime(tmp_path, keypair):
 
 @pytest.mark.parametrize("daemon", ["gateway", "dashboard", "telemetry-agent"])
 def test_a_token_file_every_user_can_read_is_refused(tmp_path, keypair, daemon):
-    key, pub = keypair
-    site = Site(tmp_path, key, pub)
+    pub = keypair[1]
     tokens = write_tokens(tmp_path, ["r1"])
     exposed = {"gateway": tokens["robots"], "dashboard": tokens["dashboard"], "telemetry-agent": tmp_path / "agent.token"}[daemon]
     exposed.write_text(robot_token("r1") + "\n") if daemon == "telemetry-agent" else None

@@ -29,8 +29,8 @@ import pytest
 
 from conftest import otad_release
 from fleet import Site, served_manifest, wait_for_version
-from harness import Daemon, wait_until
-from hostile_archives import BUILDERS, CASES as ARCHIVE_CASES, LIMIT_FILES, prepare_outside
+from harness import Daemon
+from hostile_archives import CASES as ARCHIVE_CASES, LIMIT_FILES, prepare_outside
 from invariants import current_version
 from otad.trust.bundle import render_bundle
 from otad.trust.keys import load_private_key, public_key_hint

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
 import requests
 
 from conftest import otad_release
-from fleet import Site, fetch_release, served_manifest, wait_for_version
+from fleet import fetch_release, served_manifest, wait_for_version
 from harness import wait_until
 from invariants import current_version
 from otad.demo.faultproxy import FaultProxy
@@ -25,15 +24,6 @@ from otad.trust.metadata import verify_manifest
 from otad.trust.verify import TrustAnchors
 
 DAY = 86400
-
-
-@pytest.fixture
-def site(tmp_path, keypair):
-    key, pub = keypair
-    s = Site(tmp_path, key, pub)
-    s.start_dashboard()
-    yield s
-    s.stop_all()
 
 
 def anchors(*pubs) -> TrustAnchors:

@@ -10,22 +10,12 @@ import os
 import re
 import socket
 
-import pytest
 
 from conftest import assert_one_line_error
 from notify import NotifySocket
-from fleet import Site, served_manifest
+from fleet import served_manifest
 from harness import run_command, wait_until
 from invariants import current_problem
-
-
-@pytest.fixture
-def site(tmp_path, keypair):
-    key, pub = keypair
-    s = Site(tmp_path, key, pub)
-    s.start_dashboard()
-    yield s
-    s.stop_all()
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -9,19 +9,16 @@ import subprocess
 import pytest
 
 from conftest import otad_release
-from fleet import Site, wait_for_version
+from fleet import wait_for_version
 from harness import wait_until
 from invariants import committed_and_sound, current_problem, current_version, robot_state
 
 
 @pytest.fixture
-def site(tmp_path, keypair):
-    key, pub = keypair
-    s = Site(tmp_path, key, pub)
-    s.start_dashboard()
-    s.gw = s.gateway().start()
-    yield s
-    s.stop_all()
+def site(site):
+    """conftest's site, plus a running gateway as site.gw."""
+    site.gw = site.gateway().start()
+    return site
 
 
 def app_dir(site, name="robot"):

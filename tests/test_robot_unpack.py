@@ -188,13 +188,10 @@ def stage_signed(site: Site, archive: Path, version: str, out: Path) -> Path:
 
 
 @pytest.fixture
-def site(tmp_path, keypair):
-    key, pub = keypair
-    s = Site(tmp_path, key, pub)
-    s.start_dashboard()
-    s.gw = s.gateway().start()
-    yield s
-    s.stop_all()
+def site(site):
+    """conftest's site, plus a running gateway as site.gw."""
+    site.gw = site.gateway().start()
+    return site
 
 
 def test_robot_rejects_signed_hostile_releases(site, tmp_path):

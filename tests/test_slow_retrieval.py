@@ -13,22 +13,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 
-from fleet import Site, fetch_release, wait_for_version
+from fleet import fetch_release, wait_for_version
 from otad.demo.faultproxy import FaultProxy
 
 MAX_HOSTILE_BYTES = 8 * 1024 * 1024  # the endless servers give up after this much, whatever happens
 MAX_TRICKLE_S = 30
-
-
-@pytest.fixture
-def site(tmp_path, keypair):
-    key, pub = keypair
-    s = Site(tmp_path, key, pub)
-    s.start_dashboard()
-    yield s
-    s.stop_all()
 
 
 class Hostile:

@@ -10,14 +10,12 @@ import json
 import random
 import sqlite3
 import threading
-import time
 
 import pytest
 import requests
 
-from otad.demo.faultproxy import FaultProxy
 from fleet import (GATEWAY_TOKEN, Site, dashboard_records, event, metric, post_records, robot_token, write_tokens)
-from harness import wait_until, write_config
+from harness import wait_until
 
 
 @pytest.fixture

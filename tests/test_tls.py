@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fleet import GATEWAY_TOKEN, Site, dashboard_records, metric, robot_token, wait_for_version, write_tokens
+from fleet import Site, dashboard_records, metric, robot_token, wait_for_version, write_tokens
 from harness import Daemon, run_command, wait_until, write_config
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)

@@ -17,7 +17,7 @@ from otad.robot.crashpoints import crashpoint
 from otad.robot.layout import AppDir
 from otad.robot.outbox import Outbox
 from otad.robot.settings import RobotSettings
-from otad.robot.state import RobotState, StateLock, StateStore
+from otad.robot.state import StateLock, StateStore
 from otad.robot.unpack import unpack_release
 from otad.trust.manifest import Manifest, utc_timestamp
 from otad.trust.rollback import decide_install, next_floor
