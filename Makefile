@@ -54,8 +54,12 @@ tls-deps:
 	  echo "could not install nginx-light: the nginx TLS tests will be skipped"; \
 	else echo "nginx not found (installing it needs root and apt-get): the nginx TLS tests will be skipped"; fi
 
+# Two workers, a test file each at a time (--dist loadfile keeps a file's module fixtures,
+# e.g. the namespace topology, in one worker); the slowest tests are listed at the end.
+PYTEST_PARALLEL := -n 2 --dist loadfile
+
 test: $(VENV)/.installed interop-js browser-deps tls-deps
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) --durations=15
 
 # Longer fuzzing of every parser (tests/test_fuzz_parsers.py): FUZZ_SECONDS per parser, fresh
 # random seeds, examples kept in .hypothesis/. `make check` runs the short deterministic pass.
@@ -64,7 +68,7 @@ fuzz: $(VENV)/.installed
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz_parsers.py
 
 test-bookworm: $(VENV_BOOKWORM)/.installed interop-js tls-deps
-	$(VENV_BOOKWORM)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
+	$(VENV_BOOKWORM)/bin/python -m pytest $(PYTEST_PARALLEL) -q -p no:cacheprovider -m "not slow"
 
 check: test test-bookworm deb-check soak-short
 
