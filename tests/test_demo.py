@@ -178,12 +178,12 @@ def test_the_demo_keeps_reading_a_notify_socket_so_no_daemon_blocks(tmp_path):
 
     from otad.demo.procs import StatusSocket
 
-    listener = StatusSocket(tmp_path / "gateway.notify")
+    listener = StatusSocket("gateway")
     sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sender.settimeout(5)  # blocking, as sdnotify is; a timeout here is the daemon hanging
     try:
         for step in range(200):
-            sender.sendto(f"STATUS=telemetry: {step} pending".encode(), listener.path)
+            sender.sendto(f"STATUS=telemetry: {step} pending".encode(), listener.address)
         wait_until(lambda: listener.poll() == "telemetry: 199 pending", 10, "the last STATUS= to be read")
     finally:
         sender.close()

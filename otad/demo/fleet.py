@@ -52,7 +52,6 @@ class Fleet:
         self.ota.mkdir(exist_ok=True)
         self.logs = root / "logs"
         self.logs.mkdir(exist_ok=True)
-        (root / "run").mkdir(mode=0o700, exist_ok=True)  # the daemons' notify sockets
         self.dashboard_port = dashboard_port
         self.children: list[Child] = []
         self.proxies: list[FaultProxy] = []
@@ -123,7 +122,7 @@ class Fleet:
         etc = self.root / "etc"
         etc.mkdir(exist_ok=True)
         config = write_config(etc / f"{name}.conf", values)
-        listener = StatusSocket(self.root / "run" / f"{name}.notify") if status else None
+        listener = StatusSocket(name) if status else None
         child = Child(name, command, config, self.logs / f"{name}.log", self.env, listener)
         self.children.append(child)
         return child

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,15 +43,18 @@ class StatusSocket:
     fills up, and a daemon's next sd_notify would block its main loop.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
+    def __init__(self, name: str) -> None:
+        # An abstract address (Linux), as systemd's own may be: no file, and no
+        # 108-byte sun_path limit however deep TMPDIR is. NOTIFY_SOCKET spells it "@...".
+        self.path = f"@otad-demo-{os.getpid()}-{secrets.token_hex(4)}-{name}"
+        self.address = "\0" + self.path[1:]
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
+        self.sock.bind(self.address)
         self.sock.settimeout(0.5)
         self.status = ""
         self.ready = False
         self._closing = False
-        self._thread = threading.Thread(target=self._read, name=f"notify {path.name}", daemon=True)
+        self._thread = threading.Thread(target=self._read, name=f"notify {name}", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
