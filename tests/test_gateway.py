@@ -288,3 +288,29 @@ def test_unknown_key_in_file_is_an_error(site):
     gw = site.gateway(POLL_INTERVALL=5)
     result = run_command("otad-gateway", "--config", str(gw.config), "--check-config")
     assert result.returncode == 1 and "unknown key POLL_INTERVALL" in result.stderr
+
+
+def test_a_release_refused_for_cache_size_is_fetched_at_once_when_cache_max_mb_is_raised(site):
+    """Issue 13 (8): the gateway kept the ETag of a manifest it had refused (CacheFull), so
+    every later poll was a 304 and it never downloaded, even after the operator raised
+    CACHE_MAX_MB and reloaded. The refusal must hold back the download (not every poll),
+    and a SIGHUP must look at the manifest again at once. Also: the message said "0 MiB"."""
+    proxy = FaultProxy(("127.0.0.1", int(site.dashboard.url.rsplit(":", 1)[1])))  # counts the polls' bytes
+    try:
+        site.release("1.0.0", size=700 * 1024)
+        gw = site.gateway(dashboard_url=proxy.url, CACHE_MAX_MB=1).start()
+        wait_for_version(gw.url, "1.0.0")
+        site.release("2.0.0", size=700 * 1024)
+        line = gw.wait_for_log(r"rejected app 2\.0\.0: (.*)")[1]
+        assert line.startswith("0.7 MiB does not fit in CACHE_MAX_MB=1 beside the active 1.0.0 (0.7 MiB)"), line
+        # Held back: three more polls, and no second refusal.
+        polled = proxy.downstream_bytes
+        wait_until(lambda: proxy.downstream_bytes > polled + 3 * 150, 15, "three more polls")
+        assert gw.log().count("rejected app 2.0.0") == 1
+        # The operator makes room and reloads: the gateway takes 2.0.0 now, not in 10 minutes.
+        write_config(gw.config, {**_config_values(gw.config), "CACHE_MAX_MB": 10})
+        gw.signal(signal.SIGHUP)
+        wait_for_version(gw.url, "2.0.0", timeout=15)
+        fetch_release(gw.url, served_manifest(gw.url))
+    finally:
+        proxy.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from conftest import otad_release
 from fleet import wait_for_version
 from harness import wait_until
+from otad.transfer.http import content_etag
 from invariants import committed_and_sound, current_problem, current_version, robot_state
 
 
@@ -208,3 +210,44 @@ def test_fifty_random_kills_always_leave_a_sound_current(site):
     assert not {e["version"] for e in installed if e["event"] == "installed"} & set(failing)
     # The kills really landed inside installs, not only between them.
     assert sum(phase != "idle" for phase in phases) >= 10, phases
+
+
+def _plant_corrupt_part(site, manifest: dict) -> None:
+    """Half a download on disk whose bytes are not the release's (a disk fault, a torn write)."""
+    downloads = state_dir(site) / "downloads"
+    downloads.mkdir(parents=True)
+    part = downloads / f"{manifest['artifact']}.part"
+    part.write_bytes(b"\0" * (manifest["size"] // 2))
+    meta = {"url": f"{site.gw.url}/ota/{manifest['artifact']}", "size": manifest["size"], "etag": content_etag(manifest["sha256"])}
+    part.with_name(part.name + ".meta").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("cause", ["corrupt-part", "clock-ahead"])
+def test_a_refused_release_is_held_back_then_taken_at_once_after_sighup(site, cause):
+    """Issue 13 (8): the robot kept the ETag of a manifest it had refused, so every later
+    poll was a 304: once the cause was gone (the corrupt .part deleted, a clock that ran
+    ahead set right) it never looked again, not even after SIGHUP. The refusal must
+    hold the manifest back (no download every poll) and a SIGHUP must retry it at once.
+    (The hold's own expiry, 10 minutes, is tested on the real class in test_polling.py.)"""
+    manifest = site.release("1.0.0", size=256 * 1024)
+    wait_for_version(site.gw.url, "1.0.0")
+    if cause == "corrupt-part":
+        _plant_corrupt_part(site, manifest)
+        robot = site.robot(site.gw.url).start(wait_listening=False)
+        robot.wait_for_log(r"rejected app 1\.0\.0: sha256 is")
+        assert not (state_dir(site) / "downloads" / f"{manifest['artifact']}.part").exists()
+    else:  # the robot's clock 35 days ahead: the 30-day manifest looks expired beyond a 1-day grace
+        robot = site.robot(site.gw.url, env={"OTAD_TEST_CLOCK_SKEW": str(35 * 86400)}, MANIFEST_GRACE_S=86400)
+        robot.start(wait_listening=False)
+        robot.wait_for_log(r"rejected app 1\.0\.0: manifest expired at")
+    # Three more polls: held back, no second download or refusal.
+    last_poll = state_dir(site) / "last_poll"
+    seen = [last_poll.stat().st_mtime_ns]
+    wait_until(lambda: (seen.append(last_poll.stat().st_mtime_ns) or len(set(seen)) >= 4), 15, "three more polls")
+    assert robot.log().count("rejected app 1.0.0") == 1
+    assert robot.log().count("downloading app 1.0.0") == (1 if cause == "corrupt-part" else 0)
+    if cause == "clock-ahead":  # the operator allows for it (the clock itself cannot be set right here)
+        robot.config.write_text(robot.config.read_text().replace("MANIFEST_GRACE_S=86400", "MANIFEST_GRACE_S=864000"))
+    robot.signal(signal.SIGHUP)
+    robot.wait_for_log("installed app 1.0.0", timeout=20)
+    assert current_version(app_dir(site)) == "1.0.0"

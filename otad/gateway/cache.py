@@ -178,8 +178,8 @@ class Cache:
         active = self.snapshot.active
         active_size = active.size if active is not None else 0
         if active_size + size > max_bytes:
-            held = f" beside the active {active.manifest.version} ({active_size // 2**20} MiB)" if active else ""
-            return f"{size // 2**20} MiB does not fit in CACHE_MAX_MB={max_bytes // 2**20}{held}"
+            held = f" beside the active {active.manifest.version} ({_mib(active_size)})" if active else ""
+            return f"{_mib(size)} does not fit in CACHE_MAX_MB={max_bytes // 2**20}{held}"
         return None
 
     def gc(self, keep_versions: int, max_bytes: int, reserve: int = 0, keep_parts: frozenset[str] = frozenset()) -> list[str]:
@@ -214,6 +214,12 @@ class Cache:
         for path in self.versions_dir.iterdir():
             if path.suffix != ".json" or path.stem not in releases:
                 _unlink(path)
+
+
+def _mib(size: int) -> str:
+    # One decimal, rounded up: a release that does not fit never reads as "0 MiB".
+    tenths = -(-size * 10 // 2**20)
+    return f"{tenths // 10}.{tenths % 10} MiB"
 
 
 def _envelope(manifest_bytes: bytes, manifest_bundle: bytes) -> bytes:

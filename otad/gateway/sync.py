@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from otad.errors import OtadError, TransportError, TrustError
 from otad.gateway.cache import Cache
 from otad.gateway.settings import GatewaySettings
-from otad.transfer.backoff import Backoff, RejectedManifests, jittered
+from otad.transfer.backoff import Backoff, ManifestPoll, jittered
 from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
 from otad.transfer.tls import client_tls
 from otad.trust import clock
@@ -54,8 +54,7 @@ class Syncer:
         self.state = SyncState()
         self._wake = threading.Event()
         self._stop = False
-        self._etag: str | None = None
-        self._rejected = RejectedManifests()
+        self._polls = ManifestPoll()  # the ETag and the hold on a refused manifest
         self._backoff = Backoff()
         self._next_gc = 0.0
         self._pending_part: str | None = None
@@ -73,6 +72,7 @@ class Syncer:
         if old is not None:
             old.close()
         self._next_gc = 0.0  # new bounds apply now, not at the old interval's end
+        self._polls.reset()  # e.g. CACHE_MAX_MB raised or a key added: a refused manifest may pass now
         self._wake.set()
 
     def stop(self) -> None:
@@ -119,22 +119,27 @@ class Syncer:
         return delay
 
     def _poll(self) -> None:
-        fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._etag)
-        active = self.cache.snapshot.active
-        if fetched.status == 304 or (active is not None and active.manifest_bytes == fetched.body):
-            self._etag = fetched.etag
+        fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._polls.etag(time.monotonic()))
+        if fetched.status == 304:  # the manifest dealt with last time (installed, or refused and still held)
             self._warn_if_expired()
             return
         body = fetched.body
         key = hashlib.sha256(body).hexdigest()
-        if self._rejected.held(key, time.monotonic()):
+        active = self.cache.snapshot.active
+        if active is not None and active.manifest_bytes == body:
+            self._polls.seen(fetched.etag, key)
+            self._warn_if_expired()
+            return
+        if self._polls.held(key, time.monotonic()):
+            self._polls.seen(fetched.etag, key)
             return
         try:
             signed, newest, manifest_bundle = self.client.verified_manifest(body, self._verify)
             self._fetch_and_install(signed, newest, manifest_bundle)
         except TrustError as exc:
             self._reject(key, body, exc)
-        self._etag = fetched.etag
+        # Not reached on a cut download or a disk error: the next poll looks again.
+        self._polls.seen(fetched.etag, key)
 
     def _verify(self, manifest_bytes: bytes, bundle: bytes) -> SignedManifest:
         return verify_manifest(manifest_bytes, bundle, self.cache.anchors, clock.now())
@@ -152,7 +157,7 @@ class Syncer:
                         active.manifest.expires, describe_age(overdue))
 
     def _reject(self, key: str, body: bytes, exc: TrustError) -> None:
-        self._rejected.reject(key, time.monotonic())
+        self._polls.reject(key, time.monotonic())
         what = _describe(body)
         active = self.cache.snapshot.active
         keeping = f"; keeping app {active.manifest.version}" if active is not None else ""

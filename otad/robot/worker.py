@@ -19,7 +19,7 @@ from otad.fsutil import atomic_write_bytes
 from otad.robot.crashpoints import crashpoint
 from otad.robot.installer import Installer
 from otad.robot.settings import RobotSettings
-from otad.transfer.backoff import Backoff, RejectedManifests, jittered
+from otad.transfer.backoff import Backoff, ManifestPoll, jittered
 from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
 from otad.transfer.tls import client_tls
 from otad.trust import clock
@@ -40,9 +40,8 @@ class Worker:
         self.downloads.mkdir(parents=True, exist_ok=True)
         self._wake = threading.Event()
         self._stop = False
-        self._etag: str | None = None
         self._backoff = Backoff()
-        self._rejected = RejectedManifests()
+        self._polls = ManifestPoll()  # the ETag and the hold on a refused manifest
         self.downloading: tuple[str, int, int] | None = None  # version, received, total
         self.apply(settings)
 
@@ -56,6 +55,7 @@ class Worker:
                                  tls=client_tls(settings, "gateway_ca_file"))
         if old is not None:
             old.close()
+        self._polls.reset()  # SIGHUP: whatever made a manifest fail may be fixed now
         self._wake.set()
 
     def stop(self) -> None:
@@ -80,31 +80,33 @@ class Worker:
         blacklist = list(self.installer.state.blacklist)
         self.installer.state = self.installer.store.load()
         if self.installer.state.blacklist != blacklist:
-            self._etag = None
+            self._polls.forget()
         try:
-            fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._etag)
+            fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._polls.etag(time.monotonic()))
             atomic_write_bytes(self.settings.state_dir / "last_poll", utc_timestamp(time.time()).encode())
             if fetched.status == 200:
-                self._etag = fetched.etag  # _consider clears it to retry a failed version
-                self._consider(fetched.body)
+                digest = hashlib.sha256(fetched.body).hexdigest()
+                # Dealt with unless _consider says otherwise: it refuses (held), or forgets to retry.
+                self._polls.seen(fetched.etag, digest)
+                self._consider(fetched.body, digest)
         except TransportError as exc:
             # The manifest's ETag is already noted: a download cut after it would otherwise
             # never be resumed (every later poll answered 304) until the gateway's manifest changes.
-            self._etag = None
+            self._polls.forget()
             delay = min(self._backoff.failure(), self.settings.backoff_max)
             log.warning("gateway unreachable, retrying in %.0fs: %s", delay, exc)
             return delay
         except TrustError as exc:  # e.g. a /manifest over 64 KiB: the gateway is at fault, retry later
-            self._etag = None
+            self._polls.forget()
             delay = min(self._backoff.failure(), self.settings.backoff_max)
             log.warning("refused the gateway's answer, retrying in %.0fs: %s", delay, exc)
             return delay
         except OtadError as exc:  # disk trouble while installing: not the release's fault
             log.error("install interrupted: %s", exc)
-            self._etag = None
+            self._polls.forget()
         except Exception as exc:  # a bug must not end the worker: repair the state and go on
             log.error("unexpected %s during poll/install: %s; recovering", type(exc).__name__, exc)
-            self._etag = None
+            self._polls.forget()
             try:
                 self.installer.recover()
             except Exception as again:
@@ -116,9 +118,8 @@ class Worker:
         self._backoff.success()
         return jittered(self.settings.poll_interval)
 
-    def _consider(self, body: bytes) -> None:
-        digest = hashlib.sha256(body).hexdigest()
-        if self._rejected.held(digest, time.monotonic()):
+    def _consider(self, body: bytes, digest: str) -> None:
+        if self._polls.held(digest, time.monotonic()):
             return
         try:
             manifest = parse_manifest(body)
@@ -131,7 +132,7 @@ class Worker:
         try:
             signed, _, _ = self.client.verified_manifest(body, self._verify)
             if signed.manifest.version != manifest.version:
-                self._etag = None  # the gateway switched releases meanwhile: look again next poll
+                self._polls.forget()  # the gateway switched releases meanwhile: look again next poll
                 return
             decision = decide_install(manifest.version, self.installer.app.target("CURRENT"), state.highest_committed,
                                       state.blacklist, signed.manifest.allow_downgrade, self.settings.allow_downgrade)
@@ -148,7 +149,7 @@ class Worker:
         artifact.unlink(missing_ok=True)
         artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
         if not committed:
-            self._etag = None  # try this version again on a later poll, until it is blacklisted
+            self._polls.forget()  # try this version again on a later poll, until it is blacklisted
 
     def _verify(self, manifest_bytes: bytes, bundle: bytes) -> SignedManifest:
         signed = verify_manifest(manifest_bytes, bundle, self.anchors, clock.now(), grace=self.settings.manifest_grace_s)
@@ -186,7 +187,7 @@ class Worker:
             raise TransportError("stopping")
 
     def _reject(self, digest: str, manifest: Manifest | None, exc: TrustError) -> None:
-        self._rejected.reject(digest, time.monotonic())
+        self._polls.reject(digest, time.monotonic())
         version = manifest.version if manifest else None
         self.installer.outbox.add("rejected", version, str(exc))
         log.warning("rejected app %s: %s", version or "manifest", exc)
