@@ -3,7 +3,9 @@
 Used by the gateway (from the dashboard) and the robot (from its gateway).
 Downloads go to `<name>.part` with a `<name>.part.meta` sidecar holding the
 server's ETag; a resume sends `Range` + `If-Range`, so a changed file on the
-server restarts cleanly from zero instead of splicing two versions. The file
+server restarts cleanly from zero instead of splicing two versions (the
+truncated part is on disk before `.meta` names the new ETag, so no kill or
+power cut between the two writes can pair old bytes with a new ETag). The file
 is hashed while it arrives; nothing is read twice. Network failures raise
 `TransportError` (the part is kept); a server sending more bytes than the
 signed manifest promised raises `ChecksumMismatch` (the part is deleted).
@@ -230,30 +232,35 @@ class HttpClient:
                 raise TransportError(f"GET {url}: cannot resume (HTTP {response.status_code}); restarting")
             else:
                 raise HttpStatusError(f"GET {url}: HTTP {response.status_code}", response.status_code)
-            new_etag = response.headers.get("ETag")
-            atomic_write_bytes(meta_path, json.dumps({"url": url, "size": expected_size, "etag": new_etag}).encode())
-            return self._receive(response, url, part, mode, have, expected_size, hasher, progress, watch), hasher
-
-    def _receive(self, response, url, part: Path, mode: str, have: int, expected: int, hasher, progress, watch: Progress) -> int:
-        with open(part, mode) as out:
-            try:
-                for chunk in response.iter_content(self.limits.chunk):
-                    watch.add(len(chunk))
-                    if have + len(chunk) > expected:
-                        out.close()
-                        _discard(part, part.with_name(part.name + ".meta"))
-                        raise ChecksumMismatch(f"{url} sent more than the manifest's {expected} bytes")
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    have += len(chunk)
-                    if progress is not None:
-                        progress(have, expected)
-            except requests.RequestException as exc:
-                raise _failure(url, exc, watch) from None
-            finally:
-                if not out.closed:
-                    out.flush()
+            with open(part, mode) as out:
+                if mode == "wb":
+                    # Restarting from zero: the truncation must be on disk before .meta names the
+                    # new ETag, or a kill between the two would leave the old bytes under the new
+                    # ETag, and the next resume would splice the two files.
                     os.fsync(out.fileno())
+                new_etag = response.headers.get("ETag")
+                atomic_write_bytes(meta_path, json.dumps({"url": url, "size": expected_size, "etag": new_etag}).encode())
+                return self._receive(response, url, part, out, have, expected_size, hasher, progress, watch), hasher
+
+    def _receive(self, response, url, part: Path, out, have: int, expected: int, hasher, progress, watch: Progress) -> int:
+        try:
+            for chunk in response.iter_content(self.limits.chunk):
+                watch.add(len(chunk))
+                if have + len(chunk) > expected:
+                    out.close()
+                    _discard(part, part.with_name(part.name + ".meta"))
+                    raise ChecksumMismatch(f"{url} sent more than the manifest's {expected} bytes")
+                out.write(chunk)
+                hasher.update(chunk)
+                have += len(chunk)
+                if progress is not None:
+                    progress(have, expected)
+        except requests.RequestException as exc:
+            raise _failure(url, exc, watch) from None
+        finally:
+            if not out.closed:
+                out.flush()
+                os.fsync(out.fileno())
         return have
 
 
