@@ -3,7 +3,10 @@
 Ordering follows Semantic Versioning 2.0 precedence: a pre-release
 (1.2.0-rc1) sorts before its release (1.2.0); numeric suffix parts compare
 as numbers, others as ASCII. Build metadata (+...) is not allowed in release
-versions, because two artifacts that differ must never share an order.
+versions, because two artifacts that differ must never share an order, and
+neither are leading zeros (1.0.0-01): so two versions are equal exactly when
+their texts are, and `same_version`/`version_in` compare versions as versions
+wherever a text might not have been parsed here.
 """
 from __future__ import annotations
 
@@ -12,9 +15,13 @@ from functools import total_ordering
 
 from otad.errors import MalformedMetadata
 
+# A pre-release identifier: a number without leading zeros, or alphanumerics with a letter.
+# "01" is refused (SemVer 9): it would be the same version as "1" under another spelling,
+# and blacklists, file names and the cache key versions by their text.
+_IDENTIFIER = r"(?:0|[1-9]\d*|\d*[A-Za-z][0-9A-Za-z]*)"
 _VERSION = re.compile(
     r"(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
-    r"(?:-([0-9A-Za-z]+(?:\.[0-9A-Za-z]+)*))?"
+    rf"(?:-({_IDENTIFIER}(?:\.{_IDENTIFIER})*))?"
 )
 MAX_VERSION_LEN = 64
 
@@ -60,3 +67,18 @@ def _pre_key(part: str) -> tuple[int, int | str]:
 
 def parse_version(text: str) -> Version:
     return Version(text)
+
+
+def same_version(a: str | None, b: str | None) -> bool:
+    """a and b name the same version (False if either is missing or not a version)."""
+    if a is None or b is None:
+        return False
+    try:
+        return Version(a) == Version(b)
+    except MalformedMetadata:
+        return False
+
+
+def version_in(candidate: str, versions) -> bool:
+    """candidate is one of `versions` (a blacklist), compared as versions."""
+    return any(same_version(candidate, v) for v in versions)

@@ -116,6 +116,36 @@ def test_fuzz_manifest():
     run_fuzz(documents(VALID_MANIFEST), check_manifest)
 
 
+# Version texts, with numeric identifiers often spelled with leading zeros.
+_identifiers = st.sampled_from(["0", "00", "01", "1", "001", "10", "a", "0a", "rc", "beta", "x1"]) | st.from_regex(r"[0-9A-Za-z]{1,4}", fullmatch=True)
+version_texts = st.builds(
+    lambda core, pre: ".".join(map(str, core)) + ("-" + ".".join(pre) if pre else ""),
+    st.tuples(*[st.integers(0, 12)] * 3), st.lists(_identifiers, max_size=3),
+)
+
+
+def check_versions(pair: tuple[str, str]) -> None:
+    """Two accepted spellings are the same version only if they are the same text (issue 13,
+    item 15: 1.0.0-01 == 1.0.0-1, while blacklists compare text), and the order is total."""
+    parsed = []
+    for text in pair:
+        try:
+            parsed.append(Version(text))
+        except TrustError:
+            return
+    a, b = parsed
+    assert (a == b) == (pair[0] == pair[1]), pair
+    assert (a < b) + (a == b) + (b < a) == 1, pair
+
+
+def test_fuzz_versions():
+    run_fuzz(st.tuples(version_texts, version_texts) | version_texts.map(lambda t: (t, t.replace("-1", "-01"))), check_versions)
+
+
+def check_version_pair(data: bytes) -> None:
+    check_versions(tuple(data.decode().split()))
+
+
 def check_bundle(data: bytes) -> None:
     try:
         bundle = parse_bundle(data)
@@ -318,7 +348,7 @@ def check_range_file(data: bytes) -> None:
 
 
 PARSERS = {"manifest": check_manifest, "bundle": check_bundle, "checksum": check_checksum, "records": check_batch,
-           "gzip": check_gzip, "config": check_config, "range": check_range_file}
+           "gzip": check_gzip, "config": check_config, "range": check_range_file, "versions": check_version_pair}
 
 
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*")), ids=lambda p: p.name)

@@ -119,3 +119,17 @@ def test_version_order_follows_semver():
     versions = [Version(v) for v in ordered]
     assert sorted(reversed(versions)) == versions
     assert Version("1.0.0") == Version("1.0.0") and Version("1.0.0") != Version("1.0.0-rc.1")
+
+
+@pytest.mark.parametrize("text", ["1.0.0-01", "1.0.0-rc.01", "1.0.0-00", "1.0.0-alpha.007"])
+def test_pre_release_numbers_with_leading_zeros_are_refused(text):
+    """Issue 13 (15): 1.0.0-01 and 1.0.0-1 compared equal, yet blacklists compare strings,
+    so a blacklisted version could come back under another spelling. docs/formats.md says
+    no leading zeros: a numeric identifier with one is refused where versions are parsed."""
+    with pytest.raises(MalformedMetadata, match="is not MAJOR.MINOR.PATCH"):
+        Version(text)
+
+
+@pytest.mark.parametrize("a,b", [("1.0.0-0", "1.0.0-00a"), ("1.0.0-0a", "1.0.0-a"), ("1.0.0-rc.10", "1.0.0-rc.1")])
+def test_versions_that_are_spelled_differently_are_different(a, b):
+    assert Version(a) != Version(b) and Version(a) == Version(a)

@@ -19,6 +19,7 @@ from otad.fsutil import atomic_write_bytes
 from otad.robot.crashpoints import crashpoint
 from otad.robot.installer import Installer
 from otad.robot.settings import RobotSettings
+from otad.semver import same_version, version_in
 from otad.transfer.backoff import Backoff, ManifestPoll, jittered
 from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
 from otad.transfer.tls import client_tls
@@ -127,7 +128,7 @@ class Worker:
             self._reject(digest, None, exc)
             return
         state = self.installer.state
-        if manifest.version in state.blacklist or manifest.version == self.installer.app.target("CURRENT"):
+        if version_in(manifest.version, state.blacklist) or same_version(manifest.version, self.installer.app.target("CURRENT")):
             return  # nothing to do, whatever its signature says
         try:
             signed, _, _ = self.client.verified_manifest(body, self._verify)

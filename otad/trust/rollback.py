@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from otad.semver import Version
+from otad.semver import Version, same_version, version_in
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ def decide_install(
     signed_allow_downgrade: bool = False,
     robot_allows_downgrade: bool = True,
 ) -> InstallDecision:
-    if candidate in blacklist:
+    if version_in(candidate, blacklist):
         return InstallDecision(False, f"{candidate} is blacklisted", quiet=True)
-    if candidate == current:
+    if same_version(candidate, current):
         return InstallDecision(False, f"{candidate} is CURRENT", quiet=True)
     floor, what = _floor(current, highest_committed)
     if floor is None or Version(candidate) >= floor:
