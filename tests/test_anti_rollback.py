@@ -8,6 +8,10 @@ digest must agree across manifest, checksum file, bundle and the archive's VERSI
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import time
 
 import pytest
 
@@ -40,16 +44,18 @@ def events(site, name="robot") -> list[tuple[str, str]]:
 
 
 def test_lower_version_refused_until_the_signed_manifest_allows_it(site):
+    """The robot's own floor. It talks to the dashboard directly here, standing in for a
+    compromised gateway that serves whatever it likes (an honest gateway refuses 1.5.0 too:
+    test_gateway_refuses_a_lower_version_unless_the_signed_manifest_allows_it)."""
     site.release("1.0.0")
-    robot = site.robot(site.gw.url).start(wait_listening=False)
+    robot = site.robot(site.dashboard.url).start(wait_listening=False)
     robot.wait_for_log("installed app 1.0.0")
     site.release("2.0.0")
     robot.wait_for_log("installed app 2.0.0")
     assert state(site)["highest_committed"] == "2.0.0"
     # A lower, validly signed release (a replay, or a re-point without authorisation).
     site.release("1.5.0")
-    wait_for_version(site.gw.url, "1.5.0")  # the gateway follows the dashboard...
-    line = robot.wait_for_log(r"rejected app 1\.5\.0: (.*)")[1]  # ...the robot does not
+    line = robot.wait_for_log(r"rejected app 1\.5\.0: (.*)")[1]
     assert line == "1.5.0 is lower than CURRENT 2.0.0 and the signed manifest does not allow a downgrade", line
     assert "downloading app 1.5.0" not in robot.log()
     # The floor is on disk: a robot killed and restarted refuses it just the same.
@@ -83,7 +89,7 @@ def test_operator_rollback_keeps_the_floor(site):
     stays at the highest committed version, so the gateway cannot walk the robot further
     down, or back up to anything in between, without a signed authorisation."""
     site.release("1.0.0")
-    robot = site.robot(site.gw.url).start(wait_listening=False)
+    robot = site.robot(site.dashboard.url).start(wait_listening=False)  # no gateway's floor in between
     robot.wait_for_log("installed app 1.0.0")
     site.release("2.0.0")
     robot.wait_for_log("installed app 2.0.0")
@@ -97,6 +103,50 @@ def test_operator_rollback_keeps_the_floor(site):
     site.release("2.1.0")
     robot.wait_for_log("installed app 2.1.0")
     assert current_version(app(site)) == "2.1.0"
+
+
+def gateway_refusal(site, version: str) -> str:
+    return site.gw.wait_for_log(rf"rejected app {re.escape(version)}: (.*)")[1]
+
+
+def test_gateway_refuses_a_lower_version_unless_the_signed_manifest_allows_it(site, monkeypatch):
+    """Issue 13 (14): the gateway followed the dashboard to any lower version, so whoever could
+    replay an older, still valid signed manifest (a plain-HTTP WAN, a compromised dashboard)
+    froze the site on it. Its floor is the highest version it verified, on disk, kept across a
+    kill -9 and a cache wiped by hand; only a signed allow_downgrade lowers it, and a replayed
+    allow_downgrade manifest older than what the gateway has accepted since is refused."""
+    site.release("1.0.0")
+    site.release("2.0.0")
+    wait_for_version(site.gw.url, "2.0.0")
+    site.release("1.5.0")
+    assert gateway_refusal(site, "1.5.0") == ("1.5.0 is lower than the highest version this gateway verified 2.0.0 "
+                                              "and the signed manifest does not allow a downgrade; keeping app 2.0.0")
+    assert served_manifest(site.gw.url)["version"] == "2.0.0"
+    assert not (site.root / "gw-state" / "cache" / "files" / "app-v1.5.0.tar.gz").exists()
+    # The floor is on disk, apart from the cache: kill -9, cache wiped, restarted: still refused.
+    site.gw.kill9()
+    shutil.rmtree(site.root / "gw-state" / "cache")
+    site.gw.start()
+    assert gateway_refusal(site, "1.5.0").startswith("1.5.0 is lower than the highest version this gateway verified 2.0.0")
+    assert served_manifest(site.gw.url) is None
+    # Signed with --allow-downgrade: followed, and the floor moves down with it.
+    now = int(time.time())
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(now + 100))  # `created`, so the order below does not hang on a second
+    downgrade = site.build("1.5.1", args=("--allow-downgrade",))
+    site.publish(downgrade)
+    wait_for_version(site.gw.url, "1.5.1")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(now + 200))
+    site.release("1.6.0")
+    wait_for_version(site.gw.url, "1.6.0")
+    # The downgrade's manifest replayed after 1.6.0: it allows a downgrade, but it is older than 1.6.0's.
+    for name in ("manifest.json.bundle", "manifest.json"):
+        (site.ota / f".{name}.tmp").write_bytes((downgrade / name).read_bytes())
+        os.replace(site.ota / f".{name}.tmp", site.ota / name)
+    line = gateway_refusal(site, "1.5.1")
+    assert line.startswith("1.5.1 is lower than the highest version this gateway verified 1.6.0; the manifest allows a "
+                           "downgrade but was created at "), line
+    assert "before the newest manifest accepted so far" in line, line
+    assert served_manifest(site.gw.url)["version"] == "1.6.0"
 
 
 def test_archive_whose_version_file_disagrees_is_refused_by_gateway_and_robot(site, tmp_path):

@@ -161,3 +161,14 @@ def test_blacklisted_is_quiet_and_floor_moves_only_up_unless_authorised():
     assert next_floor("2.0.0", "2.1.0", downgrade=False) == "2.1.0"
     assert next_floor("2.0.0", "1.5.0", downgrade=True) == "1.5.0"
     assert next_floor(None, "1.0.0", downgrade=False) == "1.0.0"
+
+
+def test_a_downgrade_manifest_created_before_the_newest_accepted_one_is_a_replay():
+    """Issue 13 (14): the gateway's bound on replayed allow_downgrade manifests (pure)."""
+    old = decide_install("1.5.1", None, "1.6.0", (), True, highest_is="the highest version this gateway verified",
+                         created=1000.0, newest_created=2000.0)
+    assert not old.install and "a replay" in old.reason and old.reason.startswith(
+        "1.5.1 is lower than the highest version this gateway verified 1.6.0")
+    fresh = decide_install("1.5.1", None, "1.6.0", (), True, created=2000.0, newest_created=2000.0)
+    assert fresh.install and fresh.downgrade
+    assert decide_install("1.7.0", None, "1.6.0", (), False, created=1.0, newest_created=2000.0).install  # upgrades: no bound

@@ -4,12 +4,15 @@ A new manifest is accepted only with a valid manifest.json.bundle from a
 trusted key and while it has not expired; the release must then match it
 (size, sha256, checksum file, bundle digest, the archive's VERSION). Anything
 else is refused with one log line, and robots keep getting what is cached.
-A lower version is followed (a release manager may re-point a site to an
-older release); the robots' anti-rollback floor decides what they install.
-Runs in its own thread. Network trouble backs off exponentially (with jitter,
-capped at BACKOFF_MAX); a manifest whose release fails verification is not
-tried again until the dashboard publishes a different manifest or a long
-backoff expires, so a bad release does not cost the WAN a download every poll.
+A version below the highest this gateway has verified (gateway/floor.py, on
+disk) is refused unless its signed manifest says `allow_downgrade` and is not
+older than the newest manifest accepted: a replayed old manifest cannot freeze
+the site on an old release. Runs in its own thread. Network trouble backs off
+exponentially (with jitter, capped at BACKOFF_MAX); a manifest whose release
+fails verification is held back (transfer/backoff.py ManifestPoll) until the
+dashboard publishes a different manifest, the hold ends, or SIGHUP, so a bad
+release does not cost the WAN a download every poll, and is tried again once
+its cause may be gone.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 from otad.errors import OtadError, TransportError, TrustError
 from otad.gateway.cache import Cache
+from otad.gateway.floor import FloorStore
 from otad.gateway.settings import GatewaySettings
 from otad.transfer.backoff import Backoff, ManifestPoll, jittered
 from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
@@ -29,7 +33,9 @@ from otad.trust import clock
 from otad.trust.archive_head import check_archive_version
 from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, parse_manifest
+from otad.trust.manifest import Manifest
 from otad.trust.metadata import SignedManifest, describe_age, verify_manifest
+from otad.trust.rollback import RollbackRefused, decide_install
 from otad.trust.verify import TrustAnchors, verify_artifact
 from otad.daemon import Heartbeat
 
@@ -59,6 +65,9 @@ class Syncer:
         self._next_gc = 0.0
         self._pending_part: str | None = None
         self._warned_expired: bytes | None = None
+        self._floors = FloorStore(settings.state_dir)
+        active = cache.snapshot.active
+        self.floor = self._floors.load(active.manifest if active is not None else None)
         self.apply(settings)
 
     def apply(self, settings: GatewaySettings) -> None:
@@ -166,6 +175,7 @@ class Syncer:
 
     def _fetch_and_install(self, signed: SignedManifest, body: bytes, manifest_bundle: bytes) -> None:
         manifest = signed.manifest
+        downgrade = self._check_floor(manifest)
         reason = self.cache.room_for(manifest.size, self.settings.cache_max_bytes)
         if reason is not None:
             raise CacheFull(reason)
@@ -190,11 +200,24 @@ class Syncer:
                 artifact.unlink(missing_ok=True)
                 artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
             raise
+        floor = self.floor.after(manifest, downgrade)
+        if floor != self.floor:
+            self._floors.save(floor)  # before robots are served the release: never below what is served
+            self.floor = floor
         self.cache.install(manifest, body, manifest_bundle, artifact, bundle, checksum)
         self._pending_part = None
         self._gc_if_due(force=True)
         log.info("verified %s %s (sha256 %s..., key %s; manifest signed by %s, expires %s); serving it to robots",
                  manifest.name, manifest.version, verified.sha256[:12], verified.key, signed.key, manifest.expires)
+
+    def _check_floor(self, manifest: Manifest) -> bool:
+        """Refuse a version below the highest this gateway verified; True for an authorised downgrade."""
+        decision = decide_install(manifest.version, None, self.floor.highest, (), manifest.allow_downgrade,
+                                  highest_is="the highest version this gateway verified",
+                                  created=manifest.created_epoch, newest_created=self.floor.newest_created)
+        if not decision.install:
+            raise RollbackRefused(decision.reason)
+        return decision.downgrade
 
     def _progress(self, received: int, total: int) -> None:
         self.state.received, self.state.total = received, total

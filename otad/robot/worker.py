@@ -27,7 +27,7 @@ from otad.trust import clock
 from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest, utc_timestamp
 from otad.trust.metadata import SignedManifest, describe_age, verify_manifest
-from otad.trust.rollback import decide_install
+from otad.trust.rollback import RollbackRefused, decide_install
 from otad.trust.verify import TrustAnchors, verify_artifact
 
 log = logging.getLogger("otad.robot")
@@ -193,6 +193,3 @@ class Worker:
         self.installer.outbox.add("rejected", version, str(exc))
         log.warning("rejected app %s: %s", version or "manifest", exc)
 
-
-class RollbackRefused(TrustError):
-    """A signed release below the anti-rollback floor, without a signed authorisation."""

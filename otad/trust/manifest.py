@@ -55,6 +55,10 @@ class Manifest:
     def expires_epoch(self) -> float:
         return _parse_timestamp(self.expires).timestamp()
 
+    @property
+    def created_epoch(self) -> float:
+        return timestamp_epoch(self.created)
+
 
 def parse_manifest(data: bytes) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
@@ -134,6 +138,13 @@ def _parse_timestamp(text: str) -> datetime:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise MalformedMetadata(f"manifest timestamp {text!r} is not a valid date") from None
+
+
+def timestamp_epoch(text: str) -> float:
+    """An RFC 3339 UTC timestamp as the manifest writes it, in epoch seconds."""
+    if not _RFC3339_UTC.fullmatch(text):
+        raise MalformedMetadata(f"timestamp {text[:40]!r} is not RFC 3339 UTC")
+    return _parse_timestamp(text).timestamp()
 
 
 def utc_timestamp(epoch: float) -> str:
