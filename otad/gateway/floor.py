@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from otad.errors import MalformedMetadata
+from otad.errors import MalformedMetadata, OtadError
 from otad.fsutil import atomic_write_bytes
 from otad.semver import Version
 from otad.trust.manifest import Manifest, timestamp_epoch, utc_timestamp
@@ -61,7 +61,11 @@ class FloorStore:
     def save(self, floor: Floor) -> None:
         doc = {"highest": floor.highest,
                "newest_created": utc_timestamp(floor.newest_created) if floor.newest_created is not None else None}
-        atomic_write_bytes(self.path, (json.dumps(doc) + "\n").encode())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, (json.dumps(doc) + "\n").encode())
+        except OSError as exc:  # e.g. disk full: the release is not installed, and is tried again
+            raise OtadError(f"cannot write {self.path}: {exc}") from None
 
 
 def _parse(data: bytes) -> Floor:
