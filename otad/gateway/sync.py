@@ -32,8 +32,7 @@ from otad.transfer.tls import client_tls
 from otad.trust import clock
 from otad.trust.archive_head import check_archive_version
 from otad.trust.bundle import MAX_BUNDLE_BYTES
-from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, parse_manifest
-from otad.trust.manifest import Manifest
+from otad.trust.manifest import MAX_CHECKSUM_BYTES, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from otad.trust.metadata import SignedManifest, describe_age, verify_manifest
 from otad.trust.rollback import RollbackRefused, decide_install
 from otad.trust.verify import TrustAnchors, verify_artifact
