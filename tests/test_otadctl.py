@@ -65,11 +65,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def robot_with(site, *versions: str, **overrides):
-    """A gateway and a robot that have installed `versions` in order."""
+def robot_with(site, *versions: str, direct: bool = False, **overrides):
+    """A gateway and a robot that have installed `versions` in order (`direct`: the robot
+    polls the dashboard itself, a source that serves whatever is published)."""
     site.release(versions[0])
     gw = site.gateway().start()
-    robot = site.robot(gw.url, **overrides).start(wait_listening=False)
+    robot = site.robot(site.dashboard.url if direct else gw.url, **overrides).start(wait_listening=False)
     robot.wait_for_log(f"installed app {versions[0]}", 30)
     for version in versions[1:]:
         site.release(version)
@@ -161,14 +162,17 @@ def test_rollback_blacklists_until_unblacklisted(site):
 
 def test_rollback_blacklist_holds_when_the_gateway_offers_the_version_again(site):
     """The release manager re-points the site to 1.0.0 and back to 1.1.0 (same files): the
-    robot the operator rolled back must still refuse 1.1.0 until it is unblacklisted."""
-    gw, robot = robot_with(site, "1.0.0", "1.1.0")
+    robot the operator rolled back must still refuse 1.1.0 until it is unblacklisted. (The
+    robot polls the dashboard: a gateway no longer follows a re-point below the highest
+    version it verified, issue 13 item 14; a compromised one still could.)"""
+    _, robot = robot_with(site, "1.0.0", "1.1.0", direct=True)
+    source = site.dashboard.url
     assert ctl(robot, "rollback").returncode == 0
     site.publish(site.root / "out-1.0.0-release")
-    wait_until(lambda: served(gw.url) == "1.0.0", 20, "the gateway to serve 1.0.0")
+    wait_until(lambda: served(source) == "1.0.0", 20, "the dashboard to serve 1.0.0")
     wait_for_polls(site, 2, timeout=15)  # the robot has seen 1.0.0
     site.publish(site.root / "out-1.1.0-release")
-    wait_until(lambda: served(gw.url) == "1.1.0", 20, "the gateway to serve 1.1.0 again")
+    wait_until(lambda: served(source) == "1.1.0", 20, "the dashboard to serve 1.1.0 again")
     wait_for_polls(site, 3, timeout=15)
     assert robot.log().count("downloading app 1.1.0") == 1, robot.new_log()[-1500:]
     assert link(site, "CURRENT") == "releases/1.0.0"
