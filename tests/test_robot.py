@@ -300,3 +300,48 @@ def test_probation_is_not_stretched_by_a_clock_stepped_back(site):
     robot.wait_for_log("app 1.1.0 passed probation", timeout=20)
     state = robot_state(state_dir(site))
     assert state["phase"] == "idle" and state["highest_committed"] == "1.1.0", state
+
+
+def test_waits_between_polls_longer_than_the_allowed_silence_are_not_a_stall(site, tmp_path):
+    """POLL_INTERVAL (or a backoff up to BACKOFF_MAX=300) beyond the worker's allowed silence:
+    a planned wait is not a hang, so the watchdog keeps being pinged across it."""
+    from notify import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    pings = lambda: sum("WATCHDOG=1" in m for m in notify.drain())  # noqa: E731
+    try:
+        site.release("1.0.0")
+        robot = site.robot(site.gw.url, STALL_TIMEOUT=2, POLL_INTERVAL=20,
+                           env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}).start(wait_listening=False)
+        robot.wait_for_log("installed app 1.0.0")
+        polled = (state_dir(site) / "last_poll").stat().st_mtime_ns
+        before = pings()
+        wait_until(lambda: pings() >= before + 10, 15, "ten watchdog pings while the worker waits for its next poll")
+        assert (state_dir(site) / "last_poll").stat().st_mtime_ns == polled, "it polled meanwhile: the test proved nothing"
+        assert "worker stalled" not in robot.log()
+    finally:
+        notify.close()
+
+
+def test_a_command_wedged_past_its_deadline_stops_the_watchdog_pings(site, tmp_path):
+    """The beat proves progress, it does not merely beat: a self-test that leaves a process
+    holding its output open cannot be reaped at its deadline (SELFTEST_TIMEOUT=2), and from
+    then on the worker shows nothing, so the ping is withheld and systemd would restart it."""
+    from notify import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        site.release("1.0.0")
+        robot = site.robot(site.gw.url, STALL_TIMEOUT=2, SELFTEST_TIMEOUT=2,
+                           env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}).start(wait_listening=False)
+        robot.wait_for_log("installed app 1.0.0")
+        site.release("1.1.0", selftest="setsid sleep 20 & sleep 10")
+        robot.wait_for_log(r"worker stalled \(worker\); withholding the watchdog ping", timeout=30)
+        notify.drain()
+        notify.messages.clear()
+        stalled = robot.log().count("worker stalled")
+        wait_until(lambda: robot.log().count("worker stalled") >= stalled + 3, 10, "three more main-loop turns, still stalled")
+        assert not any("WATCHDOG=1" in m for m in notify.drain()), notify.messages
+        assert robot_state(state_dir(site))["phase"] == "selftest"
+    finally:
+        notify.close()

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otad.config import boolean, http_url, identifier, optional_path, path, seconds, setting, text, whole
+from otad.errors import ConfigError
 from otad.keyconfig import trusted_keys
 from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
@@ -60,6 +61,8 @@ class RobotSettings:
 
     def check(self) -> None:
         check_client_files(self.gateway_ca_file, self.client_cert, self.client_key, "GATEWAY_CA_FILE")
+        if self.stall_timeout == 1:  # the worker beats once a second while it waits or a command runs
+            raise ConfigError("STALL_TIMEOUT must be 0 (derived from the timeouts) or at least 2 seconds")
 
     @property
     def worker_silence(self) -> float:

@@ -30,7 +30,7 @@ from otad.trust.rollback import decide_install
 from otad.trust.verify import TrustAnchors, verify_artifact
 
 log = logging.getLogger("otad.robot")
-IDLE_BEAT_EVERY = 5.0  # seconds
+IDLE_BEAT_EVERY = 1.0  # seconds: under any STALL_TIMEOUT (at least 1)
 
 
 class Worker:
