@@ -194,7 +194,8 @@ def test_unblacklist_after_automatic_blacklist_makes_the_daemon_try_again(site):
 # -- 3. busy --------------------------------------------------------------------------------
 def test_refuses_while_the_daemon_is_installing(site):
     _, robot = robot_with(site, "1.0.0")
-    site.release("2.0.0", selftest="sleep 4; exit 0")
+    go = site.root / "selftest-may-pass"
+    site.release("2.0.0", selftest=f"while [ ! -e {go} ]; do sleep 0.1; done")
     robot.wait_for_log("activated app 2.0.0", 30)
 
     for args in (["rollback"], ["unblacklist", "2.0.0"]):
@@ -206,6 +207,7 @@ def test_refuses_while_the_daemon_is_installing(site):
     assert "installed app 2.0.0" not in robot.log(), "the self-test finished before otadctl ran: the test proved nothing"
     assert link(site, "CURRENT") == "releases/2.0.0"  # the refused rollback changed nothing
 
+    go.write_text("")
     robot.wait_for_log("installed app 2.0.0", 20)
     result = ctl(robot, "rollback")
     assert result.returncode == 0, result.stderr

@@ -314,6 +314,8 @@ def test_waits_between_polls_longer_than_the_allowed_silence_are_not_a_stall(sit
         robot = site.robot(site.gw.url, STALL_TIMEOUT=2, POLL_INTERVAL=20,
                            env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}).start(wait_listening=False)
         robot.wait_for_log("installed app 1.0.0")
+        settled = pings()
+        wait_until(lambda: pings() >= settled + 2, 10, "the worker to settle into its wait")
         polled = (state_dir(site) / "last_poll").stat().st_mtime_ns
         before = pings()
         wait_until(lambda: pings() >= before + 10, 15, "ten watchdog pings while the worker waits for its next poll")
