@@ -198,7 +198,8 @@ def test_unblacklist_after_automatic_blacklist_makes_the_daemon_try_again(site):
 # -- 3. busy --------------------------------------------------------------------------------
 def test_refuses_while_the_daemon_is_installing(site):
     _, robot = robot_with(site, "1.0.0")
-    site.release("2.0.0", selftest="sleep 4; exit 0")
+    go = site.root / "selftest-may-pass"
+    site.release("2.0.0", selftest=f"while [ ! -e {go} ]; do sleep 0.1; done")
     robot.wait_for_log("activated app 2.0.0", 30)
 
     for args in (["rollback"], ["unblacklist", "2.0.0"]):
@@ -210,6 +211,7 @@ def test_refuses_while_the_daemon_is_installing(site):
     assert "installed app 2.0.0" not in robot.log(), "the self-test finished before otadctl ran: the test proved nothing"
     assert link(site, "CURRENT") == "releases/2.0.0"  # the refused rollback changed nothing
 
+    go.write_text("")
     robot.wait_for_log("installed app 2.0.0", 20)
     result = ctl(robot, "rollback")
     assert result.returncode == 0, result.stderr
@@ -273,3 +275,50 @@ def test_robot_systemd_notifications(site, tmp_path):
         assert any("STOPPING=1" in m for m in notify.drain()), notify.messages
     finally:
         notify.close()
+
+
+# -- 7. issue 13 ----------------------------------------------------------------------------
+def test_unblacklist_during_probation_is_not_undone_when_probation_ends(site):
+    _, robot = robot_with(site, "1.0.0", MAX_ATTEMPTS=1, HEALTH_CMD="true", PROBATION_S=6, HEALTH_INTERVAL=1)
+    site.release("2.0.0", selftest="exit 1")
+    robot.wait_for_log("blacklisted app 2.0.0", 30)
+    site.release("1.1.0")
+    robot.wait_for_log("installed app 1.1.0; on probation", 30)
+    assert status_json(robot)["phase"] == "probation"
+
+    result = ctl(robot, "unblacklist", "2.0.0")
+    assert result.returncode == 0, result.stderr
+    assert "passed probation" not in robot.log(), "probation ended before otadctl ran: the test proved nothing"
+    assert status_json(robot)["blacklist"] == []
+    robot.wait_for_log("app 1.1.0 passed probation", 30)
+    doc = status_json(robot)
+    assert doc["phase"] == "idle" and doc["blacklist"] == [], doc
+    assert doc["attempts"].get("2.0.0", 0) == 0, doc
+
+
+def test_crash_at_old_linked_in_a_first_upgrade_leaves_nothing_to_roll_back_to(site):
+    """kill -9 between linking OLD and CURRENT on a robot's first upgrade: recovery must not
+    leave OLD pointing at CURRENT, and `otadctl rollback` must refuse rather than 'roll back'
+    from 1.0.0 to 1.0.0 and blacklist the running release."""
+    gw, robot = robot_with(site, "1.0.0")
+    robot.stop()
+    site.release("2.0.0")
+    robot.env["OTAD_TEST_CRASH_AT"] = "old-linked"
+    robot.start(wait_listening=False)
+    wait_until(lambda: robot.proc.poll() is not None, 30, "the robot to die at old-linked")
+    robot.env.pop("OTAD_TEST_CRASH_AT")
+    assert gw.stop() == 0  # so the restarted robot cannot simply install 2.0.0 again
+    robot.start(wait_listening=False)
+    robot.wait_for_log("recovered: CURRENT is app 1.0.0")
+    assert link(site, "CURRENT") == "releases/1.0.0"
+    assert link(site, "OLD") is None
+    assert_one_line_error(ctl(robot, "rollback"), "no OLD")
+    doc = status_json(robot)
+    assert doc["current"] == "1.0.0" and doc["old"] is None and doc["blacklist"] == [], doc
+
+    # An OLD left pointing at CURRENT (e.g. by an older otad) is refused the same way.
+    robot.stop()
+    os.symlink("releases/1.0.0", app_dir(site) / "OLD")
+    assert_one_line_error(ctl(robot, "rollback"), "no OLD")
+    assert link(site, "CURRENT") == "releases/1.0.0"
+    assert status_json(robot)["blacklist"] == []

@@ -251,3 +251,142 @@ def test_a_refused_release_is_held_back_then_taken_at_once_after_sighup(site, ca
     robot.signal(signal.SIGHUP)
     robot.wait_for_log("installed app 1.0.0", timeout=20)
     assert current_version(app_dir(site)) == "1.0.0"
+
+
+# -- issue 13 ------------------------------------------------------------------------------
+def test_kills_during_a_self_test_do_not_blacklist_a_good_release(site):
+    """kill -9 (power, OOM killer, watchdog) in the middle of a self-test, three times: the
+    release did not fail, so it is not a failed attempt; once the robot is left alone it installs."""
+    go = site.root / "selftest-may-pass"
+    site.release("1.0.0")
+    robot = site.robot(site.gw.url, MAX_ATTEMPTS=2, SELFTEST_TIMEOUT=60).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    site.release("1.1.0", selftest=f"while [ ! -e {go} ]; do sleep 0.1; done")
+    for kill in range(3):
+        wait_until(lambda: robot_state(state_dir(site)).get("phase") == "selftest", 30, f"self-test {kill + 1} to run")
+        robot.kill9()
+        robot.start(wait_listening=False)
+        robot.wait_for_log("recovered: CURRENT is app 1.0.0")
+        assert committed_and_sound(app_dir(site), state_dir(site)) is None
+    state = robot_state(state_dir(site))
+    assert state["blacklist"] == [] and state.get("attempts", {}).get("1.1.0", 0) == 0, state
+    go.write_text("")
+    robot.wait_for_log("installed app 1.1.0", timeout=30)
+    assert current_version(app_dir(site)) == "1.1.0"
+    assert robot_state(state_dir(site))["blacklist"] == []
+
+
+def test_slow_restart_and_self_test_keep_the_watchdog_fed(site, tmp_path):
+    """RESTART_CMD and a self-test that together last far longer than the worker's allowed
+    silence (STALL_TIMEOUT=2): the robot shows progress while they run within their deadline,
+    so the watchdog keeps being pinged and the release is installed, not killed mid-test."""
+    from notify import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    pings = lambda: sum("WATCHDOG=1" in m for m in notify.drain())  # noqa: E731
+    try:
+        site.release("1.0.0")
+        robot = site.robot(site.gw.url, STALL_TIMEOUT=2, CONNECT_TIMEOUT=1, READ_TIMEOUT=1, SELFTEST_TIMEOUT=20,
+                           env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}).start(wait_listening=False)
+        robot.wait_for_log("installed app 1.0.0")
+        site.release("1.1.0", selftest="sleep 8")
+        wait_until(lambda: robot_state(state_dir(site))["phase"] == "selftest", 30, "the self-test to start")
+        before = pings()
+        # At one ping per 0.5 s, ten pings take 5 s: more than twice STALL_TIMEOUT, all inside the self-test.
+        wait_until(lambda: pings() >= before + 10, 15, "ten watchdog pings during the self-test")
+        assert robot_state(state_dir(site))["phase"] == "selftest", "the self-test ended too soon: the test proved nothing"
+        robot.wait_for_log("installed app 1.1.0", timeout=30)
+        assert "worker stalled" not in robot.log()
+        assert robot.running()
+    finally:
+        notify.close()
+
+
+def _stepped_robot(site, step_file, **overrides):
+    """A robot whose wall clock the test can step (tests/clockstep/sitecustomize.py)."""
+    step_file.write_text("0")
+    clockstep = os.path.join(os.path.dirname(__file__), "clockstep")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (clockstep, os.environ.get("PYTHONPATH")) if p),
+           "OTAD_TEST_WALL_STEP_FILE": str(step_file)}
+    return site.robot(site.gw.url, env=env, HEALTH_INTERVAL=1, **overrides)
+
+
+def test_probation_is_not_skipped_by_a_clock_stepped_forward(site):
+    """The wall clock jumps a day ahead just after the commit: probation must still run its
+    course (a failing health check still rolls back), and the floor stays until it passed."""
+    flag = site.root / "unhealthy"
+    site.release("1.0.0")
+    robot = _stepped_robot(site, site.root / "step", HEALTH_CMD=f"test ! -e {flag}", PROBATION_S=600).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    site.release("1.1.0")
+    robot.wait_for_log("installed app 1.1.0; on probation")
+    assert robot_state(state_dir(site))["highest_committed"] == "1.0.0"  # raised only once probation has passed
+    (site.root / "step").write_text(str(24 * 3600))
+    flag.write_text("crashing")
+    robot.wait_for_log("rolled back app 1.1.0 to 1.0.0: health check failed during probation", timeout=20)
+    assert "passed probation" not in robot.log()
+    state = robot_state(state_dir(site))
+    assert state["highest_committed"] == "1.0.0" and current_version(app_dir(site)) == "1.0.0", state
+
+
+def test_probation_is_not_stretched_by_a_clock_stepped_back(site):
+    """The wall clock jumps a day back just after the commit: a 3 s probation still ends after
+    about 3 s of health checks, survives a restart in the middle, and then raises the floor."""
+    site.release("1.0.0")
+    robot = _stepped_robot(site, site.root / "step", HEALTH_CMD="true", PROBATION_S=3).start(wait_listening=False)
+    robot.wait_for_log("installed app 1.0.0")
+    site.release("1.1.0")
+    robot.wait_for_log("installed app 1.1.0; on probation")
+    (site.root / "step").write_text(str(-24 * 3600))
+    robot.stop()
+    robot.start(wait_listening=False)
+    robot.wait_for_log("app 1.1.0 passed probation", timeout=20)
+    state = robot_state(state_dir(site))
+    assert state["phase"] == "idle" and state["highest_committed"] == "1.1.0", state
+
+
+def test_waits_between_polls_longer_than_the_allowed_silence_are_not_a_stall(site, tmp_path):
+    """POLL_INTERVAL (or a backoff up to BACKOFF_MAX=300) beyond the worker's allowed silence:
+    a planned wait is not a hang, so the watchdog keeps being pinged across it."""
+    from notify import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    pings = lambda: sum("WATCHDOG=1" in m for m in notify.drain())  # noqa: E731
+    try:
+        site.release("1.0.0")
+        robot = site.robot(site.gw.url, STALL_TIMEOUT=2, POLL_INTERVAL=20,
+                           env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}).start(wait_listening=False)
+        robot.wait_for_log("installed app 1.0.0")
+        settled = pings()
+        wait_until(lambda: pings() >= settled + 2, 10, "the worker to settle into its wait")
+        polled = (state_dir(site) / "last_poll").stat().st_mtime_ns
+        before = pings()
+        wait_until(lambda: pings() >= before + 10, 15, "ten watchdog pings while the worker waits for its next poll")
+        assert (state_dir(site) / "last_poll").stat().st_mtime_ns == polled, "it polled meanwhile: the test proved nothing"
+        assert "worker stalled" not in robot.log()
+    finally:
+        notify.close()
+
+
+def test_a_command_wedged_past_its_deadline_stops_the_watchdog_pings(site, tmp_path):
+    """The beat proves progress, it does not merely beat: a self-test that leaves a process
+    holding its output open cannot be reaped at its deadline (SELFTEST_TIMEOUT=2), and from
+    then on the worker shows nothing, so the ping is withheld and systemd would restart it."""
+    from notify import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        site.release("1.0.0")
+        robot = site.robot(site.gw.url, STALL_TIMEOUT=2, SELFTEST_TIMEOUT=2,
+                           env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}).start(wait_listening=False)
+        robot.wait_for_log("installed app 1.0.0")
+        site.release("1.1.0", selftest="setsid sleep 20 & sleep 10")
+        robot.wait_for_log(r"worker stalled \(worker\); withholding the watchdog ping", timeout=30)
+        notify.drain()
+        notify.messages.clear()
+        stalled = robot.log().count("worker stalled")
+        wait_until(lambda: robot.log().count("worker stalled") >= stalled + 3, 10, "three more main-loop turns, still stalled")
+        assert not any("WATCHDOG=1" in m for m in notify.drain()), notify.messages
+        assert robot_state(state_dir(site))["phase"] == "selftest"
+    finally:
+        notify.close()

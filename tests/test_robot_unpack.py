@@ -229,3 +229,20 @@ def test_robot_rejects_signed_hostile_releases(site, tmp_path):
     assert "Traceback" not in robot.log()
     # Each was downloaded and verified once: it was the unpacker that refused them.
     assert robot.log().count("verified app 1.0.") == 1 + len(versions)
+
+
+def test_unpacker_reports_its_progress_through_the_archive(site, tmp_path):
+    """The robot's heartbeat during an unpack (issue 13, item 9): the real unpacker, called
+    in-process on a real release archive, reports every read, always further into the archive,
+    up to its whole size. (A daemon-level test would need a disk slow enough to make an
+    unpack outlast the worker's allowed silence; the beat itself is tested in test_robot.py.)"""
+    from otad.robot.unpack import unpack_release
+
+    archive = site.build(VERSION, size=3 * 1024 * 1024) / f"app-v{VERSION}.tar.gz"
+    seen: list[int] = []
+    written = unpack_release(archive, tmp_path / "dest", VERSION, LIMIT_BYTES, LIMIT_FILES, progress=seen.append)
+    assert written >= 3 * 1024 * 1024
+    assert len(seen) > 10, seen  # many beats over a 3 MiB archive, not one at the end
+    assert all(b > a for a, b in zip(seen, seen[1:])), "progress must only ever advance"
+    assert seen[-1] == archive.stat().st_size
+    assert (tmp_path / "dest" / "VERSION").read_text().strip() == VERSION

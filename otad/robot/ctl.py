@@ -3,6 +3,9 @@
 Reads the same /etc/otad/robot.conf as otad-robot. `status` only reads state
 files (always safe); `rollback` and `unblacklist` take the state lock without
 waiting, so they refuse, rather than race, while the daemon changes releases.
+`unblacklist` also works while a release is on probation (every state write is
+a locked read-modify-write of the fields it changes, so the daemon's end of
+probation keeps it); `rollback` waits for the robot to be idle.
 A manual rollback also blacklists the version rolled back from: otherwise the
 daemon would install it again at its next poll.
 """
@@ -17,7 +20,7 @@ from otad.errors import OtadError
 from otad.robot.installer import Installer
 from otad.robot.outbox import Outbox
 from otad.robot.settings import DEFAULT_CONFIG, RobotSettings
-from otad.robot.state import Busy, StateLock, StateStore
+from otad.robot.state import Busy, StateStore
 
 PROG = "otadctl"
 
@@ -25,7 +28,7 @@ PROG = "otadctl"
 def _open(args):
     settings = load_settings(RobotSettings, args.config, required=args.config != DEFAULT_CONFIG)
     store = StateStore(settings.state_dir)
-    installer = Installer(settings, store, StateLock(settings.state_dir), Outbox(settings.state_dir))
+    installer = Installer(settings, store, Outbox(settings.state_dir))
     return settings, installer
 
 
@@ -72,8 +75,9 @@ def cmd_rollback(args) -> int:
         if state.phase != "idle":
             raise OtadError(f"otad-robot is in phase {state.phase}; wait until it is idle")
         current, old = app.target("CURRENT"), app.target("OLD")
-        if old is None or not app.is_complete(old):
-            raise OtadError("there is no OLD release to roll back to")
+        if old is None or old == current or not app.is_complete(old):
+            raise OtadError(f"there is no OLD release to roll back to (CURRENT is {current or 'none'}"
+                            f"{', OLD points at it too' if old is not None and old == current else ''})")
         # Same path as an automatic rollback: CURRENT -> OLD by rename, restart, record.
         installer.save(previous=old, previous_old=None)
         installer.rollback(current, "manual rollback (otadctl)")
@@ -93,8 +97,10 @@ def cmd_unblacklist(args) -> int:
         state = installer.state
         if args.version not in state.blacklist:
             raise OtadError(f"{args.version} is not blacklisted")
-        attempts = {v: n for v, n in state.attempts.items() if v != args.version}
-        installer.save(blacklist=[v for v in state.blacklist if v != args.version], attempts=attempts)
+        # Applied at once, on probation too: the daemon writes only the fields it changes.
+        installer.save(blacklist=[v for v in state.blacklist if v != args.version],
+                       attempts={v: n for v, n in state.attempts.items() if v != args.version},
+                       interrupted={v: n for v, n in state.interrupted.items() if v != args.version})
     finally:
         installer.lock.release()
     print(f"{args.version} may be installed again")

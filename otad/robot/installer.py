@@ -3,12 +3,25 @@
 Every step is preceded by persisting the phase (StateStore.save, atomic), and
 every link change is a rename(2), so `recover()` can finish or undo whatever a
 crash interrupted. The rule it restores: CURRENT resolves to a complete,
-committed release (or, on a robot that never committed one, does not exist).
+committed release (or, on a robot that never committed one, does not exist),
+and OLD, if it exists, is another complete release.
+
+Only failures the release caused count towards MAX_ATTEMPTS: a self-test or
+health check that failed or timed out (an archive the unpacker refuses is a
+rejection, held back by the worker). An install cut short by a crash, a power
+cut or the OOM killer is rolled back at the next start but counted apart
+(`interrupted`), so a few kills cannot blacklist a good release.
+
+While it runs, the installer shows progress through `beat` (the worker's
+heartbeat): for every piece of the archive the unpacker reads, and every second
+a restart, self-test or health command is still running within its deadline.
+A hung disk or a wedged child stops the beats, and the watchdog does the rest.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from otad.errors import OtadError
@@ -17,28 +30,34 @@ from otad.robot.crashpoints import crashpoint
 from otad.robot.layout import AppDir
 from otad.robot.outbox import Outbox
 from otad.robot.settings import RobotSettings
-from otad.robot.state import StateLock, StateStore
+from otad.robot.state import StateStore
 from otad.robot.unpack import unpack_release
 from otad.trust.manifest import Manifest, utc_timestamp
 from otad.trust.rollback import decide_install, next_floor
 
 log = logging.getLogger("otad.robot")
 
+# Installs of one version cut short by crashes (not failed by the release) before it is
+# blacklisted anyway: a release whose restart reboots the robot must not loop for ever.
+MAX_INTERRUPTED = 10
+
 
 class Installer:
-    def __init__(self, settings: RobotSettings, store: StateStore, lock: StateLock, outbox: Outbox) -> None:
+    def __init__(self, settings: RobotSettings, store: StateStore, outbox: Outbox,
+                 beat: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.app = AppDir(settings.app_dir)
         self.store = store
-        self.lock = lock
+        self.lock = store.lock
         self.outbox = outbox
+        self.beat = beat or (lambda: None)
         self.state = store.load()
         self.step = ""  # for STATUS=
+        self._probation_mark: float | None = None  # time.monotonic() of the last passed health check
 
     def save(self, **changes) -> None:
-        for key, value in changes.items():
-            setattr(self.state, key, value)
-        self.store.save(self.state)
+        """Change these fields only, on top of what is on disk (otadctl may have changed others)."""
+        self.state = self.store.update(**changes)
 
     # -- install ------------------------------------------------------------------------
     def install(self, manifest: Manifest, artifact: Path, downgrade: bool = False) -> bool:
@@ -60,7 +79,8 @@ class Installer:
             self.app.remove_release(version)  # leftovers of an abandoned attempt
             try:
                 unpack_release(artifact, self.app.release_dir(version), version,
-                               self.settings.max_unpacked_bytes, self.settings.max_files)
+                               self.settings.max_unpacked_bytes, self.settings.max_files,
+                               progress=lambda read: self._unpacking(read, manifest.size))
             except OtadError:
                 self.app.remove_release(version)
                 self.save(phase="idle", target=None)
@@ -71,6 +91,11 @@ class Installer:
             crashpoint("new-linked")
             self._activate(version)
             return self._prove(version, decision.downgrade)
+
+    def _unpacking(self, read: int, size: int) -> None:
+        # Called for every block the unpacker reads: the archive advancing is the proof of progress.
+        self.step = f"unpacking ({100 * read // size if size else 0}%)"
+        self.beat()
 
     def _activate(self, version: str) -> None:
         self.step = "activating"
@@ -100,7 +125,7 @@ class Installer:
         release = self.app.root / "CURRENT"
         env = {"OTAD_VERSION": version, "OTAD_RELEASE_DIR": str(release.resolve()), "OTAD_APP_DIR": str(self.app.root)}
         if self.settings.restart_cmd:
-            outcome = runner.run(self.settings.restart_cmd, self.settings.selftest_timeout, env=env)
+            outcome = runner.run(self.settings.restart_cmd, self.settings.selftest_timeout, env=env, alive=self.beat)
             if not outcome.ok:
                 return _reason("restart command failed", outcome)
         crashpoint("restarted")
@@ -112,35 +137,48 @@ class Installer:
         if not command:
             log.info("app %s has no self-test (no SELFTEST_CMD, no ./selftest); accepting it", version)
             return None
-        outcome = runner.run(command, self.settings.selftest_timeout, cwd=release.resolve(), env=env)
+        outcome = runner.run(command, self.settings.selftest_timeout, cwd=release.resolve(), env=env, alive=self.beat)
         return None if outcome.ok else _reason("self-test failed", outcome)
 
     def _commit(self, version: str, downgrade: bool = False) -> None:
         # Probation needs something to roll back to; a robot's first release stays either way.
         probation = self.settings.probation_s > 0 and bool(self.settings.health_cmd) and self.state.previous is not None
-        # The anti-rollback floor, in the same atomic state write as the commit itself.
-        highest = next_floor(self.state.highest_committed, version, downgrade)
-        attempts = {v: n for v, n in self.state.attempts.items() if v != version}
-        self.save(
-            phase="probation" if probation else "idle", committed=version, highest_committed=highest, attempts=attempts,
-            probation_until=time.time() + self.settings.probation_s if probation else None,
-            target=version if probation else None,
-            # Kept only while on probation: a failed health check rolls back to them.
-            previous=self.state.previous if probation else None,
-            previous_old=self.state.previous_old if probation else None,
-        )
+        if probation:
+            # CURRENT is the new release (so it is the floor meanwhile), but the highest
+            # committed version, the attempt counts and OLD's fate wait for probation to pass.
+            self.save(phase="probation", committed=version, target=version, downgrade=downgrade,
+                      probation_s=float(self.settings.probation_s), probation_done=0.0)
+            self._probation_mark = time.monotonic()
+        else:
+            self.save(**self._settled(self.state, version, downgrade))
         crashpoint("committed")
         self.outbox.add("installed", version)
         log.info("installed app %s%s", version, f"; on probation for {self.settings.probation_s}s" if probation else "")
         self.gc()
         crashpoint("gc-done")
 
+    @staticmethod
+    def _settled(state, version: str, downgrade: bool) -> dict:
+        """The state changes that make `version` for good: it passed its self-test and any probation."""
+        return dict(
+            phase="idle", committed=version, target=None, previous=None, previous_old=None,
+            # The anti-rollback floor rises in the same atomic write.
+            highest_committed=next_floor(state.highest_committed, version, downgrade),
+            attempts={v: n for v, n in state.attempts.items() if v != version},
+            interrupted={v: n for v, n in state.interrupted.items() if v != version},
+            downgrade=False, probation_s=None, probation_done=0.0,
+        )
+
     # -- rollback -------------------------------------------------------------------------
-    def rollback(self, version: str, reason: str) -> None:
-        """Back to the release that was CURRENT before `version` was activated."""
+    def rollback(self, version: str, reason: str, counted: bool = True) -> None:
+        """Back to the release that was CURRENT before `version` was activated.
+
+        `counted`: the release failed (its self-test, its health check). False: the
+        install was cut short from outside (a crash), which is counted apart.
+        """
         self.step = "rolling back"
         previous, previous_old = self.state.previous, self.state.previous_old
-        failure = {"version": version, "reason": reason, "at": utc_timestamp(time.time())}
+        failure = {"version": version, "reason": reason, "at": utc_timestamp(time.time()), "counted": counted}
         self.save(phase="rolling_back", target=version, last_failure=failure)
         crashpoint("rb-started")
         if previous is not None and self.app.is_complete(previous):
@@ -157,45 +195,65 @@ class Installer:
         crashpoint("rb-old-linked")
         if self.settings.restart_cmd and previous is not None:
             env = {"OTAD_VERSION": previous, "OTAD_RELEASE_DIR": str(self.app.release_dir(previous)), "OTAD_APP_DIR": str(self.app.root)}
-            outcome = runner.run(self.settings.restart_cmd, self.settings.selftest_timeout, env=env)
+            outcome = runner.run(self.settings.restart_cmd, self.settings.selftest_timeout, env=env, alive=self.beat)
             if not outcome.ok:
                 log.error("restart after rolling back to %s failed: %s", previous, _reason("", outcome))
         crashpoint("rb-restarted")
-        attempts = dict(self.state.attempts)
-        attempts[version] = attempts.get(version, 0) + 1
+        attempts, interrupted = dict(self.state.attempts), dict(self.state.interrupted)
+        counts, limit, what = (attempts, self.settings.max_attempts, "failed attempts") if counted else \
+            (interrupted, MAX_INTERRUPTED, "interrupted installs")
+        counts[version] = counts.get(version, 0) + 1
         blacklist = list(self.state.blacklist)
-        newly_blacklisted = attempts[version] >= self.settings.max_attempts and version not in blacklist
+        newly_blacklisted = counts[version] >= limit and version not in blacklist
         if newly_blacklisted:
             blacklist.append(version)
-        self.save(phase="idle", target=None, committed=previous, attempts=attempts, blacklist=blacklist,
-                  probation_until=None, previous=None, previous_old=None)
+        self.save(phase="idle", target=None, committed=previous, attempts=attempts, interrupted=interrupted,
+                  blacklist=blacklist, previous=None, previous_old=None, downgrade=False, probation_s=None,
+                  probation_done=0.0)
         crashpoint("rb-recorded")
         self.gc()
         self.outbox.add("rolled_back", version, reason)
-        log.warning("rolled back app %s to %s: %s", version, previous or "nothing (no earlier release)", reason)
+        log.warning("rolled back app %s to %s: %s%s", version, previous or "nothing (no earlier release)", reason,
+                    "" if counted else f" (not a failure of the release; interrupted {counts[version]} times)")
         if newly_blacklisted:
-            self.outbox.add("blacklisted", version, f"{attempts[version]} failed attempts")
-            log.warning("blacklisted app %s after %d failed attempts", version, attempts[version])
+            self.outbox.add("blacklisted", version, f"{counts[version]} {what}")
+            log.warning("blacklisted app %s after %d %s", version, counts[version], what)
 
     # -- probation ------------------------------------------------------------------------
     def check_probation(self) -> bool:
-        """Run HEALTH_CMD once; True while still on probation."""
-        if self.state.phase != "probation":
+        """Run HEALTH_CMD once; True while still on probation.
+
+        Probation is served in seconds of passed health checks, measured on the
+        monotonic clock and saved at every check: wall-clock steps change nothing,
+        and a restart resumes it (the interval the restart interrupted is not counted).
+        """
+        if self.state.phase != "probation":  # only this daemon enters or leaves probation
             return False
+        self.state = self.store.load()  # otadctl may have changed other fields since the last check
         version = self.state.target or self.state.committed
-        if self.state.probation_until is not None and time.time() >= self.state.probation_until:
-            with self.lock:
-                self.save(phase="idle", target=None, probation_until=None, previous=None, previous_old=None)
-            log.info("app %s passed probation", version)
-            return False
         self.step = "probation"
-        outcome = runner.run(self.settings.health_cmd, self.settings.selftest_timeout, cwd=self.settings.app_dir)
+        outcome = runner.run(self.settings.health_cmd, self.settings.selftest_timeout, cwd=self.settings.app_dir,
+                             alive=self.beat)
         if not outcome.ok:
             with self.lock:
                 self.state = self.store.load()
                 self.rollback(version, _reason("health check failed during probation", outcome))
             return False
-        return True
+        now = time.monotonic()
+        served = 0.0 if self._probation_mark is None else now - self._probation_mark
+        self._probation_mark = now
+        with self.lock:
+            self.state = self.store.load()
+            if self.state.phase != "probation":
+                return False
+            done = self.state.probation_done + served
+            if done < (self.state.probation_s or 0):
+                self.save(probation_done=done)
+                return True
+            self.save(**self._settled(self.state, version, self.state.downgrade))
+            self.gc()
+        log.info("app %s passed probation", version)
+        return False
 
     # -- recovery -------------------------------------------------------------------------
     def recover(self) -> None:
@@ -206,17 +264,34 @@ class Installer:
             phase, target = self.state.phase, self.state.target
             if phase == "unpacking" or (phase == "activating" and self.app.target("CURRENT") != target):
                 log.warning("recovery: abandoning the interrupted install of app %s", target)
-                if self.state.previous_old is not None and phase == "activating":
-                    self.app.set_link("OLD", self.state.previous_old)
+                if phase == "activating":
+                    self._restore_old(self.state.previous_old)
                 self.app.remove_link("NEW")
                 self.save(phase="idle", target=None, previous=None, previous_old=None)
             elif phase in ("activating", "selftest"):
-                self.rollback(target, "interrupted before the self-test passed (otad-robot restarted)")
+                self.rollback(target, "interrupted before the self-test passed (otad-robot restarted)", counted=False)
             elif phase == "rolling_back":
-                self.rollback(target, (self.state.last_failure or {}).get("reason", "rollback interrupted"))
+                failure = self.state.last_failure or {}
+                self.rollback(target, failure.get("reason", "rollback interrupted"), counted=failure.get("counted", True))
             self._check_current()
+            self._check_old()
             self.app.remove_link("NEW")
             self.gc()
+
+    def _restore_old(self, previous_old: str | None) -> None:
+        """OLD back to what it was before the activation (absent on a robot's first upgrade)."""
+        if previous_old is not None and self.app.is_complete(previous_old):
+            self.app.set_link("OLD", previous_old)
+        else:
+            self.app.remove_link("OLD")
+
+    def _check_old(self) -> None:
+        # OLD is what `otadctl rollback` goes to: never CURRENT itself, never an incomplete tree.
+        old, current = self.app.target("OLD"), self.app.target("CURRENT")
+        if old is not None and (old == current or not self.app.is_complete(old)):
+            log.warning("recovery: removing OLD (app %s), which %s", old,
+                        "is CURRENT" if old == current else "is not a complete release")
+            self.app.remove_link("OLD")
 
     def _check_current(self) -> None:
         current = self.app.target("CURRENT")

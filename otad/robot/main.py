@@ -10,7 +10,7 @@ from otad.daemon import Daemon, Heartbeat, daemon_main
 from otad.robot.installer import Installer
 from otad.robot.outbox import Outbox
 from otad.robot.settings import DEFAULT_CONFIG, RobotSettings
-from otad.robot.state import StateLock, StateStore
+from otad.robot.state import StateStore
 from otad.robot.worker import Worker
 from otad.transfer.tls import plain_http_warning
 
@@ -22,12 +22,13 @@ class Robot(Daemon):
 
     def __init__(self, settings: RobotSettings, config_path: Path) -> None:
         super().__init__(settings, config_path)
-        store = StateStore(settings.state_dir)
-        self.installer = Installer(settings, store, StateLock(settings.state_dir), Outbox(settings.state_dir))
-        # Longest legitimate silence: a restart plus a self-test, or a stalled transfer's timeouts.
-        silence = 2 * settings.selftest_timeout + 2 * (settings.connect_timeout + settings.read_timeout) + 60
-        self.work_beat = Heartbeat("worker", max_silence=silence)
+        # The worker beats on progress only (bytes downloaded or unpacked, a command still
+        # within its deadline, a planned wait), so the allowed silence need not cover a
+        # whole install: see RobotSettings.worker_silence.
+        self.work_beat = Heartbeat("worker", max_silence=settings.worker_silence)
         self.heartbeats.append(self.work_beat)
+        self.installer = Installer(settings, StateStore(settings.state_dir), Outbox(settings.state_dir),
+                                   beat=self.work_beat.beat)
 
     def start(self) -> None:
         self.installer.recover()
@@ -49,6 +50,7 @@ class Robot(Daemon):
             log.warning("APP_DIR/STATE_DIR changes take effect at the next restart")
             return
         self.settings = settings
+        self.work_beat.max_silence = settings.worker_silence
         self.worker.apply(settings)
 
     def shutdown(self) -> None:

@@ -2,17 +2,23 @@
 
 Each runs in its own process group, so a timeout kills the whole tree (a
 self-test that forked a server does not outlive its deadline). Output is
-kept as a short tail for the rollback reason.
+kept as a short tail for the rollback reason. `alive` is called every
+ALIVE_EVERY seconds while the command is still running within its deadline,
+and never after it: the daemon's heartbeat shows a long self-test as
+progress, but not a child that outlived its deadline and cannot be reaped.
 """
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 TAIL_BYTES = 600
+ALIVE_EVERY = 1.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,8 @@ class Outcome:
     returncode: int | None = None  # None: it could not run, or was killed at its deadline
 
 
-def run(command: list[str] | str, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None) -> Outcome:
+def run(command: list[str] | str, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None,
+        alive: Callable[[], None] | None = None) -> Outcome:
     argv = ["/bin/sh", "-c", command] if isinstance(command, str) else command
     try:
         proc = subprocess.Popen(
@@ -32,12 +39,20 @@ def run(command: list[str] | str, timeout: float, cwd: Path | None = None, env: 
         )
     except OSError as exc:
         return Outcome(False, f"cannot run: {exc.strerror}", "")
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        output, _ = proc.communicate()
-        return Outcome(False, f"timed out after {timeout:.0f}s", _tail(output))
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            # communicate() may be called again after a timeout without losing output.
+            output, _ = proc.communicate(timeout=max(0.0, min(left, ALIVE_EVERY)))
+            break
+        except subprocess.TimeoutExpired:
+            if left <= ALIVE_EVERY:
+                _kill_group(proc)
+                output, _ = proc.communicate()
+                return Outcome(False, f"timed out after {timeout:.0f}s", _tail(output))
+            if alive is not None:
+                alive()
     _kill_group(proc)  # leftovers of a finished command must not linger
     if proc.returncode != 0:
         return Outcome(False, f"exit {proc.returncode}", _tail(output), proc.returncode)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otad.config import boolean, http_url, identifier, optional_path, path, seconds, setting, text, whole
+from otad.errors import ConfigError
 from otad.keyconfig import trusted_keys
 from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
@@ -43,6 +44,8 @@ class RobotSettings:
     probation_s: int = setting(_whole_or_zero, "300", "seconds of health checks after a commit; 0: none")
     restart_cmd: str = setting(text, "", "e.g. systemctl restart robot-app.service")
     max_attempts: int = setting(whole(1), "3", "failed installs of one version before it is blacklisted")
+    stall_timeout: int = setting(_whole_or_zero, "0", "seconds the worker may show no progress before the watchdog "
+                                 "ping is withheld; 0: 4 x (CONNECT_TIMEOUT + READ_TIMEOUT) + 60")
     max_unpacked_mb: int = setting(whole(1), "4096")
     max_files: int = setting(whole(1), "100000")
     allow_downgrade: bool = setting(boolean, "yes", "obey a signed manifest's allow_downgrade; no: never go below the floor")
@@ -58,6 +61,14 @@ class RobotSettings:
 
     def check(self) -> None:
         check_client_files(self.gateway_ca_file, self.client_cert, self.client_key, "GATEWAY_CA_FILE")
+        if self.stall_timeout == 1:  # the worker beats once a second while it waits or a command runs
+            raise ConfigError("STALL_TIMEOUT must be 0 (derived from the timeouts) or at least 2 seconds")
+
+    @property
+    def worker_silence(self) -> float:
+        """Longest legitimate silence of the worker: a few blocking requests (bundle, checksum, manifest)
+        and one slow fsync. Downloads, unpacking, commands within their deadline and planned waits beat."""
+        return float(self.stall_timeout or 4 * (self.connect_timeout + self.read_timeout) + 60)
 
     @property
     def max_unpacked_bytes(self) -> int:

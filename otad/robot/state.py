@@ -3,6 +3,11 @@
 One JSON file, replaced atomically before each step of an install or a
 rollback, so a restart after `kill -9` knows exactly which step was running.
 `StateLock` (flock on STATE_DIR/lock) keeps `otadctl` from racing the daemon.
+
+Every write is a read-modify-write under that lock (`StateStore.update`): a
+writer changes only the fields it names, on top of what is on disk now, so
+the daemon never writes an older in-memory copy over what `otadctl` changed
+meanwhile (an `unblacklist` during probation, say).
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +35,21 @@ class RobotState:
     highest_committed: str | None = None  # with CURRENT, the anti-rollback floor (otad/trust/rollback.py)
     attempts: dict[str, int] = field(default_factory=dict)
     blacklist: list[str] = field(default_factory=list)
-    last_failure: dict | None = None  # {"version", "reason", "at"}
-    probation_until: float | None = None
+    last_failure: dict | None = None  # {"version", "reason", "at", "counted"}
+    # Probation is measured in seconds of health checks done, not against the wall
+    # clock: a clock stepped back or forward neither stretches nor skips it, and the
+    # count survives restarts and reboots (it is saved at every check).
+    probation_s: float | None = None  # how long this probation lasts
+    downgrade: bool = False  # the release on probation is an authorised downgrade (lowers the floor once it passes)
+    probation_done: float = 0.0  # seconds of it already served
+    interrupted: dict[str, int] = field(default_factory=dict)  # installs cut short by a crash, not by the release
 
 
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "state.json"
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = StateLock(state_dir)
 
     def load(self) -> RobotState:
         try:
@@ -51,7 +64,19 @@ class StateStore:
             raise OtadError(f"{self.path}: unknown phase {state.phase!r}")
         return state
 
-    def save(self, state: RobotState) -> None:
+    def update(self, **changes: object) -> RobotState:
+        """The one way to change the state: under the lock, on top of what is on disk now."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(RobotState)}
+        if unknown:
+            raise TypeError(f"unknown state fields: {sorted(unknown)}")
+        with self.lock:
+            state = self.load()
+            for key, value in changes.items():
+                setattr(state, key, value)
+            self._save(state)
+        return state
+
+    def _save(self, state: RobotState) -> None:
         atomic_write_bytes(self.path, (json.dumps(dataclasses.asdict(state), indent=1, sort_keys=True) + "\n").encode())
 
 
@@ -60,11 +85,34 @@ class Busy(OtadError):
 
 
 class StateLock:
+    """flock(2) on STATE_DIR/lock, re-entrant within a process.
+
+    Re-entrant because a holder (an install, otadctl) writes the state through
+    `StateStore.update`, which takes the lock too; a second flock on a fresh file
+    descriptor would deadlock against the first. The thread lock keeps the daemon's
+    threads from sharing one hold by accident.
+    """
+
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "lock"
         self._fd: int | None = None
+        self._depth = 0
+        self._thread_lock = threading.RLock()
 
     def acquire(self, wait: bool) -> None:
+        if not self._thread_lock.acquire(blocking=wait):
+            raise Busy("otad-robot is changing releases right now")
+        if self._depth:
+            self._depth += 1
+            return
+        try:
+            self._flock(wait)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        self._depth = 1
+
+    def _flock(self, wait: bool) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -74,10 +122,14 @@ class StateLock:
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
+        if not self._depth:
+            return
+        self._depth -= 1
+        if not self._depth and self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        self._thread_lock.release()
 
     def __enter__(self) -> "StateLock":
         self.acquire(wait=True)

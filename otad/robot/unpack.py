@@ -17,6 +17,7 @@ import os
 import posixpath
 import stat
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from otad.errors import TrustError
@@ -62,15 +63,21 @@ class _GuardedTarInfo(tarfile.TarInfo):
     _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
 
 
-def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_files: int) -> int:
-    """Unpack `archive` into the new folder `dest`; return the number of bytes written."""
+def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_files: int,
+                   progress: Callable[[int], None] | None = None) -> int:
+    """Unpack `archive` into the new folder `dest`; return the number of bytes written.
+
+    `progress(n)` is called with the number of archive bytes read so far, each time
+    the unpacker reads more of it (the caller's heartbeat: a long unpack is progress).
+    """
     dest.mkdir(mode=0o755)
     total = files = 0
     seen: set[str] = set()
     dirs = [dest]
     links: list[str] = []
     try:
-        with tarfile.open(archive, mode="r|gz", tarinfo=_GuardedTarInfo) as tar:
+        with open(archive, "rb") as raw, \
+                tarfile.open(fileobj=_ReadProgress(raw, progress), mode="r|gz", tarinfo=_GuardedTarInfo) as tar:
             for member in tar:
                 files += 1
                 if files > max_files:
@@ -110,6 +117,20 @@ def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_
     for directory in reversed(dirs):
         _fsync_dir(directory)
     return total
+
+
+class _ReadProgress:
+    """The archive file, telling `progress` how far into it the unpacker has read."""
+
+    def __init__(self, raw, progress: Callable[[int], None] | None) -> None:
+        self._raw, self._progress, self._read = raw, progress, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._read += len(data)
+        if self._progress is not None:
+            self._progress(self._read)
+        return data
 
 
 def _member_name(raw: str) -> str:

@@ -31,6 +31,7 @@ from otad.trust.rollback import RollbackRefused, decide_install
 from otad.trust.verify import TrustAnchors, verify_artifact
 
 log = logging.getLogger("otad.robot")
+IDLE_BEAT_EVERY = 1.0  # seconds: under any STALL_TIMEOUT (at least 1)
 
 
 class Worker:
@@ -70,10 +71,19 @@ class Worker:
                 delay = float(self.settings.health_interval)
             else:
                 delay = self.poll_once()
-            self.heartbeat.beat()
-            self._wake.wait(delay)
+            self._idle(delay)
             self._wake.clear()
         self.client.close()
+
+    def _idle(self, delay: float) -> None:
+        """Wait `delay` seconds (or until woken), beating: a planned wait is not a stall,
+        whatever POLL_INTERVAL or BACKOFF_MAX say, and it ends at its own deadline."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            self.heartbeat.beat()
+            if self._wake.wait(min(left, IDLE_BEAT_EVERY)):
+                break
+        self.heartbeat.beat()
 
     def poll_once(self) -> float:
         # otadctl may have changed the blacklist since the last poll: look again at
