@@ -7,6 +7,7 @@ and helpers these tests share).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import sqlite3
@@ -17,6 +18,7 @@ import requests
 from fleet import GATEWAY_TOKEN, event, metric, post_records
 from harness import wait_until
 from notify import NotifySocket
+from otad.gateway.buffer import TelemetryBuffer
 from test_telemetry import FlakyDashboard, held, start_gateway, tele  # noqa: F401  (tele is a fixture)
 
 
@@ -61,6 +63,27 @@ def test_a_restored_gateway_buffer_loses_nothing(tele):
     wait_until(lambda: sum(1 for r in held(tele) if r[0] == "r2") == 5, 20, "r2's 5 new records stored, not just acknowledged")
     gw.wait_for_log(r"telemetry: .*buffer.*reused.*new buffer_id")
     assert sorted(r[2] for r in held(tele) if r[0] == "r1") == [1, 2, 3, 4, 5]
+
+
+def test_a_buffer_opened_on_another_machine_takes_a_new_buffer_id(tmp_path, caplog):
+    """The real TelemetryBuffer module: a cloned image cannot be booted in a test, so the machine id
+    of the image's builder is written into the buffer's meta table, where the builder's gateway left it."""
+    path = tmp_path / "telemetry.db"
+
+    def open_buffer() -> str:
+        buffer = TelemetryBuffer(path, 64 * 2**20)
+        buffer.start()
+        buffer.close()
+        return buffer.buffer_id
+
+    first = open_buffer()
+    assert open_buffer() == first  # the same machine: the same buffer
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = 'the-image-builders-machine-id' WHERE key = 'machine_id'")
+    with caplog.at_level(logging.WARNING, logger="otad.gateway"):
+        cloned = open_buffer()
+    assert cloned != first and "made on another machine" in caplog.text
+    assert open_buffer() == cloned
 
 
 def test_the_dashboard_refuses_a_reused_row_id_with_different_content(tele):
