@@ -6,8 +6,9 @@ and each request's 2xx is sent only after the commit that holds its records.
 `(robot_id, boot_id, seq)` is unique, so a retried record is acknowledged
 without being stored twice; because a robot sends its records in `seq` order,
 the highest seq stored per (robot, boot) also catches a retry that arrives
-after the original was already forwarded and deleted. Ids use AUTOINCREMENT: never reused, so the
-dashboard can key its idempotency on (gateway, id).
+after the original was already forwarded and deleted. Ids use AUTOINCREMENT: never reused by one
+database, so the dashboard can key its idempotency on (gateway, buffer_id, id); a database restored
+from a backup or snapshot, or cloned, does reuse them, and then takes a new buffer_id (forwarder.py).
 
 The buffer is bounded: when the database's used pages exceed the budget, the
 oldest *metric* rows are dropped (never events) and a gap row records how
