@@ -12,6 +12,8 @@ import logging
 import threading
 from pathlib import Path
 
+import pytest
+
 from harness import wait_until
 from otad.daemon import Daemon, Worker
 
@@ -50,6 +52,7 @@ class _Probe(Daemon):
         self.spawn("probe", self.target)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end is the point
 def test_a_worker_thread_that_ends_stops_the_daemon_with_exit_1(caplog):
     def work() -> None:
         raise SystemExit(3)  # not an Exception: the Worker cannot catch it, and the thread ends
