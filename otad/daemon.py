@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,65 @@ class Heartbeat:
         return time.monotonic() - self._last <= self.max_silence
 
 
+class Worker(threading.Thread):
+    """A worker thread that survives: any exception from `target` is logged in one line,
+    and `target` runs again after a backoff (1 s doubling to `backoff_max`), until
+    `stopping()` is true. The target is a loop that returns only when asked to stop;
+    a return at any other time counts as a failure too. A thread that ends anyway
+    (BaseException) is caught by the daemon's main loop, which exits non-zero.
+    """
+
+    def __init__(self, name: str, target: Callable[[], None], stopping: Callable[[], bool],
+                 on_failure: Callable[[], None] | None = None, backoff_max: float = 30.0) -> None:
+        super().__init__(name=name, daemon=True)
+        self._work, self._stopping, self._on_failure = target, stopping, on_failure
+        self.backoff_max = backoff_max
+        self.failures = 0
+        self.last_failure: tuple[float, str] | None = None  # (wall clock, "Type: message")
+        self._pause = threading.Event()
+
+    def run(self) -> None:
+        delay = 1.0
+        while not self._stopping():
+            began = time.monotonic()
+            try:
+                self._work()
+                if self._stopping():
+                    return
+                reason = "returned unexpectedly"
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}{_where(exc)}"
+            if time.monotonic() - began > 2 * self.backoff_max:
+                delay = 1.0  # it ran well for a while: this is a new failure, not the same one again
+            self.failures += 1
+            self.last_failure = (time.time(), reason)
+            log.error("%s failed: %s; starting it again in %.0fs (failure %d)", self.name, reason, delay, self.failures)
+            if self._on_failure is not None:
+                self._on_failure()
+            self._pause.wait(delay)
+            delay = min(self.backoff_max, delay * 2)
+
+    def wake(self) -> None:
+        """Cut a backoff pause short (at shutdown)."""
+        self._pause.set()
+
+    def problem(self, recent: float = 300.0) -> str | None:
+        """For STATUS=: the last failure while it is recent."""
+        if self.last_failure is None or time.time() - self.last_failure[0] > recent:
+            return None
+        when = time.strftime("%H:%M:%S", time.localtime(self.last_failure[0]))
+        return f"{self.name} failed {self.failures}x, last at {when}: {self.last_failure[1][:160]}"
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of a traceback, so the one log line says where."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+
+
 class Daemon:
     """Subclass and implement start(), tick(), reload(settings), shutdown(), status()."""
 
@@ -52,6 +112,9 @@ class Daemon:
         self.config_path = config_path
         self.notifier = Notifier()
         self.heartbeats: list[Heartbeat] = []
+        self.workers: list[Worker] = []
+        self.watched: list[threading.Thread] = []  # threads that must live as long as the daemon
+        self._stale: str = ""
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
@@ -75,6 +138,44 @@ class Daemon:
         return "running"
 
     # -- plumbing ---------------------------------------------------------------
+    def spawn(self, name: str, target: Callable[[], None], backoff_max: float = 30.0) -> Worker:
+        """Start `target` in a Worker: it survives exceptions, and its death stops the daemon."""
+        worker = Worker(name, target, stopping=lambda: self._stop, on_failure=self.wake, backoff_max=backoff_max)
+        self.workers.append(worker)
+        self.watch(worker)
+        worker.start()
+        return worker
+
+    def adopt(self, worker: Worker) -> None:
+        """A Worker started elsewhere (e.g. a library's writer thread): watched, and in STATUS=."""
+        self.workers.append(worker)
+        self.watch(worker)
+
+    def watch(self, thread: threading.Thread) -> None:
+        """The main loop fails the daemon (exit 1) within a tick of `thread` ending."""
+        self.watched.append(thread)
+
+    def _check_threads(self) -> None:
+        dead = [t.name for t in self.watched if not t.is_alive()]
+        if dead and not self._stop:
+            self.fail(f"{' and '.join(dead)} thread ended unexpectedly")
+
+    def _full_status(self) -> str:
+        """status() plus what the shared machinery knows: failing workers, stalled heartbeats."""
+        parts = [self.status()]
+        parts += [p for w in self.workers if (p := w.problem())]
+        if self._stale:
+            parts.append(f"stalled: {self._stale}")
+        return "; ".join(parts)
+
+    def _ping_watchdog(self) -> None:
+        stale = ", ".join(b.name for b in self.heartbeats if not b.alive())
+        if not stale:
+            self.notifier.ping_watchdog()
+        elif stale != self._stale:
+            log.error("worker stalled (%s); withholding the watchdog ping", stale)
+        self._stale = stale
+
     def request_stop(self, *_: object) -> None:
         self._stop = True
         self._wake.set()
@@ -120,12 +221,11 @@ class Daemon:
                 if self._reload:
                     self._reload_now()
                 sleep_for = self.tick()
-                if all(beat.alive() for beat in self.heartbeats):
-                    self.notifier.ping_watchdog()
-                else:
-                    stale = ", ".join(b.name for b in self.heartbeats if not b.alive())
-                    log.error("worker stalled (%s); withholding the watchdog ping", stale)
-                self.notifier.status(self.status())
+                self._check_threads()
+                if self._stop:
+                    break  # a dead worker: no more watchdog pings, exit 1 below
+                self._ping_watchdog()
+                self.notifier.status(self._full_status())
                 due = self.notifier.watchdog_due()
                 timeout = min(sleep_for, due) if due is not None else sleep_for
                 self._wake.wait(max(0.05, timeout))
@@ -133,6 +233,8 @@ class Daemon:
         finally:
             self.notifier.stopping()
             log.info("%s stopping", self.name)
+            for worker in self.workers:
+                worker.wake()
             self.shutdown()
         return self.exit_code
 

@@ -107,19 +107,11 @@ class Agent(Daemon):
             self.collector = CollectLoop(self.settings, self.spool, self.sender, self.collect_beat)
         except OSError as exc:
             raise OtadError(f"cannot read the boot id or CPU times from /proc: {exc}") from None
-        self.threads = [
-            threading.Thread(target=self.collector.run, name="collector", daemon=True),
-            threading.Thread(target=self.sender.run, name="sender", daemon=True),
-        ]
-        for thread in self.threads:
-            thread.start()
+        self.threads = [self.spawn("collector", self.collector.run), self.spawn("sender", self.sender.run)]
         log.info("robot %s, boot %s, sending to %s/metrics", self.settings.robot_id, self.collector.boot,
                  self.settings.gateway_url)
 
     def tick(self) -> float:
-        stopped = [t.name for t in self.threads if not t.is_alive()]
-        if stopped:
-            self.fail(f"{' and '.join(stopped)} thread stopped unexpectedly")
         return 1.0
 
     def apply_settings(self, settings: AgentSettings) -> None:

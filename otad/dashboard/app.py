@@ -126,11 +126,12 @@ class DashboardApp:
                 raise IngestError(f"body is larger than {MAX_WIRE_BYTES} bytes", 413)
             body = environ["wsgi.input"].read(int(length))
             data = decode_body(body, environ.get("HTTP_CONTENT_ENCODING"))
-            buffer_id, backlog, rows = parse_forwarded(data, gateway)
+            report: dict = {}
+            buffer_id, backlog, rows = parse_forwarded(data, gateway, report)
+            acked = telemetry.store.ingest(gateway, buffer_id, backlog, rows, quarantined=report["quarantined"])
         except IngestError as exc:
             extra = [("WWW-Authenticate", "Bearer")] if exc.status == 401 else []
-            return _json(start_response, exc.status, {"error": str(exc)}, "POST", extra)
-        acked = telemetry.store.ingest(gateway, buffer_id, backlog, rows)
+            return _json(start_response, exc.status, {"error": str(exc), **exc.extra}, "POST", extra)
         return _json(start_response, 200, {"acked": acked}, "POST")
 
     def _healthz(self, method: str, start_response: StartResponse) -> Iterable[bytes]:

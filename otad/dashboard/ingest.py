@@ -21,7 +21,12 @@ _TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
 
 
 class IngestError(RecordError):
-    pass
+    """`extra` goes into the JSON answer beside "error": "record_id" names the refused row (the gateway
+    quarantines it), "conflict" says why a batch was refused as inconsistent with what is held."""
+
+    def __init__(self, message: str, status: int = 400, **extra: object) -> None:
+        super().__init__(message, status)
+        self.extra = extra
 
 
 def authenticate(tokens: TokenTable | None, header: str | None) -> str:
@@ -48,8 +53,10 @@ def decode_body(body: bytes, encoding: str | None) -> bytes:
     return data
 
 
-def parse_forwarded(data: bytes, gateway: str) -> tuple[str, int, list[dict]]:
-    """Return (buffer_id, backlog, rows) or raise IngestError naming the problem."""
+def parse_forwarded(data: bytes, gateway: str, report: dict | None = None) -> tuple[str, int, list[dict]]:
+    """Return (buffer_id, backlog, rows) or raise IngestError naming the problem (and the row).
+
+    `report`, if given, receives the gateway's own counters: "quarantined" (0 if not sent)."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -65,6 +72,11 @@ def parse_forwarded(data: bytes, gateway: str) -> tuple[str, int, list[dict]]:
         raise IngestError("'buffer_id' is missing or invalid")
     if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 0:
         raise IngestError("'backlog' must be a whole number")
+    quarantined = doc.get("quarantined", 0)
+    if not isinstance(quarantined, int) or isinstance(quarantined, bool) or not 0 <= quarantined < 2**62:
+        raise IngestError("'quarantined' must be a whole number")
+    if report is not None:
+        report["quarantined"] = quarantined
     if not isinstance(rows, list) or not rows:
         raise IngestError("'records' must be a non-empty list")
     if len(rows) > MAX_RECORDS:
@@ -81,13 +93,10 @@ def _row(row: object, index: int) -> dict:
         raise IngestError(f"{where}: 'id' must be a positive whole number")
     if not isinstance(received, (int, float)) or isinstance(received, bool) or not 0 <= received < 1e11:
         raise IngestError(f"{where}: 'received' must be a time in seconds")
-    if isinstance(record, dict) and record.get("type") == "gap":
-        clean = _gap(record, where)
-    else:
-        try:
-            clean = validate_record(record, where)
-        except RecordError as exc:
-            raise IngestError(str(exc)) from None
+    try:
+        clean = _gap(record, where) if isinstance(record, dict) and record.get("type") == "gap" else validate_record(record, where)
+    except RecordError as exc:
+        raise IngestError(str(exc), record_id=row_id) from None
     return {"id": row_id, "received": float(received), "record": clean}
 
 

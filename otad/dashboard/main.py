@@ -31,7 +31,7 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 
-from otad.daemon import Daemon, Heartbeat, daemon_main
+from otad.daemon import Daemon, Heartbeat, Worker, daemon_main
 from otad.dashboard import make_app
 from otad.dashboard.app import DashboardApp
 from otad.dashboard.ota import OtaFolder
@@ -87,7 +87,7 @@ class HttpServer:
         self._next_slow_check = 0.0
         self._heartbeat = heartbeat
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="http", daemon=True)
+        self.thread = Worker("http", self._loop, stopping=self._stopping.is_set)
 
     @property
     def url(self) -> str:
@@ -95,22 +95,19 @@ class HttpServer:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def _loop(self) -> None:
+        # An exception ends this call; the Worker logs it and runs the loop again after a pause.
         adj = self._server.adj
-        try:
-            while not self._stopping.is_set():
-                wasyncore.loop(timeout=adj.asyncore_loop_timeout, map=self._map, use_poll=adj.asyncore_use_poll, count=1)
-                now = time.monotonic()
-                if now >= self._next_slow_check:
-                    self._close_slow_requests(now)
-                    self._next_slow_check = now + SLOW_CHECK_EVERY
-                if self._heartbeat is not None:
-                    self._heartbeat.beat()
-        except Exception as exc:
-            # The heartbeat stops, so the systemd watchdog restarts the dashboard.
-            log.error("HTTP server loop failed: %s: %s", type(exc).__name__, exc)
+        while not self._stopping.is_set():
+            wasyncore.loop(timeout=adj.asyncore_loop_timeout, map=self._map, use_poll=adj.asyncore_use_poll, count=1)
+            now = time.monotonic()
+            if now >= self._next_slow_check:
+                self._close_slow_requests(now)
+                self._next_slow_check = now + SLOW_CHECK_EVERY
+            if self._heartbeat is not None:
+                self._heartbeat.beat()
 
     def _close_slow_requests(self, now: float) -> None:
         """Close channels whose request is still arriving past its deadline (runs in the loop thread)."""
@@ -132,7 +129,8 @@ class HttpServer:
     def close(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self._server.pull_trigger()  # wake the loop's select() now
-        self._thread.join(timeout)
+        self.thread.wake()
+        self.thread.join(timeout)
         for dispatcher in list(self._map.values()):
             if isinstance(dispatcher, HTTPChannel):
                 # handle_close, unlike close, also wakes a worker waiting to write to the channel;
@@ -160,6 +158,7 @@ class DashboardDaemon(Daemon):
                                self.settings.header_timeout, self.settings.connection_limit)
         self.heartbeats.append(heartbeat)
         self.http.start()
+        self.adopt(self.http.thread)
         log.info("listening on %s", self.http.url)
         if not is_loopback(host):
             log.warning("serving plain HTTP on %s: gateway tokens and telemetry cross the WAN unencrypted; terminate "

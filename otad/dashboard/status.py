@@ -183,6 +183,8 @@ def _gateway_card(gateway: dict, robots: list[dict], colors: dict[str, str], spa
         f'<span class="badge wan-{escape(wan)}">WAN {escape(wan)}</span></header>'
         f'<p class="facts"><span><b class="backlog">{gateway["backlog"]:,}</b> records waiting at the gateway</span>'
         f'<span><b>{gateway["dropped"]:,}</b> metrics dropped</span>'
+        + (f'<span><b class="bad">{gateway["quarantined"]:,}</b> records quarantined at the gateway</span>'
+           if gateway.get("quarantined") else "") +
         f'<span>last contact <b class="contact">{escape(_age(gateway["age_s"]))}</b></span>'
         f'<span><b>{len(robots)}</b> robots</span></p>'
         '<table class="robots"><thead><tr><th>robot</th><th>version</th><th>health</th>'

@@ -5,16 +5,22 @@ idempotently, and summarise for /status. Idempotency has two keys: the
 gateway buffer's row id (a replayed batch; a buffer has its own random id,
 so a gateway whose disk was replaced does not look like a replay) and the robot's (robot_id, boot_id, seq)
 (the same record relayed twice, e.g. after a robot changed gateways). A
-replayed batch changes nothing and is acknowledged again.
+replayed batch changes nothing and is acknowledged again; a row whose key is held
+with a *different* record refuses the batch (409): a restored or cloned buffer
+(`buffer_reused`, the gateway takes a new buffer_id) or a reused robot seq
+(`record_differs`, the gateway quarantines that row). Nothing is acknowledged
+that is not held.
 """
 from __future__ import annotations
 
+import calendar
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Protocol
 
+from otad.dashboard.ingest import IngestError
 from otad.telemetry.records import encode
 
 SCHEMA = """
@@ -34,14 +40,16 @@ CREATE TABLE IF NOT EXISTS records (
     UNIQUE (source, gateway_row)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_identity ON records (robot_id, boot_id, seq) WHERE type != 'gap';
-CREATE INDEX IF NOT EXISTS records_robot ON records (robot_id, id);
+-- records_robot (robot_id, id) was here: no query used it, and every insert paid for it.
+DROP INDEX IF EXISTS records_robot;
 CREATE INDEX IF NOT EXISTS records_events ON records (type, id) WHERE type != 'metric';
 CREATE INDEX IF NOT EXISTS records_metric_time ON records (robot_id, received) WHERE type = 'metric';
 CREATE TABLE IF NOT EXISTS gateways (
     gateway_id TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
     backlog INTEGER NOT NULL,
-    dropped INTEGER NOT NULL DEFAULT 0
+    dropped INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS robots (
     robot_id TEXT PRIMARY KEY,
@@ -60,8 +68,11 @@ CREATE TABLE IF NOT EXISTS robots (
 
 
 class TelemetryStore(Protocol):
-    def ingest(self, gateway_id: str, buffer_id: str, backlog: int, rows: list[dict]) -> int:
-        """Store rows ({"id", "received", "record"}) once; return the highest id now held."""
+    def ingest(self, gateway_id: str, buffer_id: str, backlog: int, rows: list[dict], quarantined: int = 0) -> int:
+        """Store rows ({"id", "received", "record"}) once; return the highest id now held.
+
+        Every row is then stored or held with the same content; a row whose key is held with a
+        different record refuses the whole batch with IngestError 409 naming it."""
 
     def summary(self, events: int = 50) -> dict:
         """Gateways, robots, recent events and the version distribution, for /status.
@@ -83,7 +94,10 @@ class SqliteTelemetryStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        self._db().executescript(SCHEMA)
+        db = self._db()
+        db.executescript(SCHEMA)
+        if "quarantined" not in {row[1] for row in db.execute("PRAGMA table_info(gateways)")}:
+            db.execute("ALTER TABLE gateways ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0")  # a store made before it
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -103,7 +117,7 @@ class SqliteTelemetryStore:
                 conn.close()
             self._connections.clear()
 
-    def ingest(self, gateway_id: str, buffer_id: str, backlog: int, rows: list[dict]) -> int:
+    def ingest(self, gateway_id: str, buffer_id: str, backlog: int, rows: list[dict], quarantined: int = 0) -> int:
         db = self._db()
         source = f"{gateway_id}/{buffer_id}"
         now = time.time()
@@ -113,24 +127,24 @@ class SqliteTelemetryStore:
             for row in rows:
                 record = row["record"]
                 is_gap = record["type"] == "gap"
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO records (gateway_id, source, gateway_row, robot_id, boot_id, seq, type, ts, received,"
+                body = encode(record)
+                if self._held(db, gateway_id, buffer_id, row["id"], record, body):
+                    continue  # already held with the same content: a replay, or the same record relayed twice
+                db.execute(
+                    "INSERT INTO records (gateway_id, source, gateway_row, robot_id, boot_id, seq, type, ts, received,"
                     " stored, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (gateway_id, source, row["id"], "" if is_gap else record["robot_id"], "gap" if is_gap else record["boot_id"],
-                     record["first_id"] if is_gap else record["seq"], record["type"], record["ts"], row["received"], now,
-                     encode(record)),
+                     record["first_id"] if is_gap else record["seq"], record["type"], record["ts"], row["received"], now, body),
                 )
-                if not cursor.rowcount:
-                    continue  # already held: a replay
                 if is_gap:
                     dropped += record["dropped"]
                 else:
                     self._update_robot(db, gateway_id, record, now)
             db.execute(
-                "INSERT INTO gateways (gateway_id, last_seen, backlog, dropped) VALUES (?,?,?,?)"
+                "INSERT INTO gateways (gateway_id, last_seen, backlog, dropped, quarantined) VALUES (?,?,?,?,?)"
                 " ON CONFLICT(gateway_id) DO UPDATE SET last_seen=excluded.last_seen, backlog=excluded.backlog,"
-                " dropped=gateways.dropped + excluded.dropped",
-                (gateway_id, now, max(0, backlog - len(rows)), dropped),
+                " dropped=gateways.dropped + excluded.dropped, quarantined=excluded.quarantined",
+                (gateway_id, now, max(0, backlog - len(rows)), dropped, quarantined),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -138,8 +152,45 @@ class SqliteTelemetryStore:
             raise
         return max((row["id"] for row in rows), default=0)
 
+    @staticmethod
+    def _held(db: sqlite3.Connection, gateway_id: str, buffer_id: str, row_id: int, record: dict, body: str) -> bool:
+        """True if this exact record is held already; a different record under either key refuses the batch (409):
+        acknowledging it would make the gateway delete a record that is stored nowhere."""
+        same_row = db.execute("SELECT body FROM records WHERE source = ? AND gateway_row = ?",
+                              (f"{gateway_id}/{buffer_id}", row_id)).fetchone()
+        if same_row is not None:
+            if same_row[0] == body:
+                return True
+            raise IngestError(
+                f"gateway {gateway_id} buffer {buffer_id} row {row_id} is already held with a different record: this buffer was "
+                "restored from a backup or snapshot, or cloned; the gateway must take a new buffer_id (otad-gateway does so by "
+                "itself; another sender must replace its buffer id)", 409, conflict="buffer_reused", record_id=row_id)
+        if record["type"] == "gap":
+            return False
+        # `type != 'gap'` lets the planner use the partial index records_identity.
+        same_robot = db.execute("SELECT body FROM records WHERE robot_id = ? AND boot_id = ? AND seq = ? AND type != 'gap'",
+                                (record["robot_id"], record["boot_id"], record["seq"])).fetchone()
+        if same_robot is None:
+            return False
+        if same_robot[0] == body:
+            return True
+        raise IngestError(
+            f"robot {record['robot_id']} boot {record['boot_id']} seq {record['seq']} (gateway row {row_id}) is already held "
+            "with a different record: the robot reused a seq; the gateway keeps this record in its quarantine table",
+            409, conflict="record_differs", record_id=row_id)
+
     def _update_robot(self, db: sqlite3.Connection, gateway_id: str, record: dict, now: float) -> None:
+        """The robot's latest state moves only forward: by seq within a boot, by the robot's own ts across boots;
+        a backlog that lands late counts its records but changes nothing else. last_seen is when the robot
+        reported (its ts; never in the dashboard's future), not when the record arrived."""
         metric = record["type"] == "metric"
+        reported = min(now, rfc3339_epoch(record["ts"]))
+        current = db.execute("SELECT boot_id, last_seq, ts FROM robots WHERE robot_id = ?", (record["robot_id"],)).fetchone()
+        if current is not None and not (
+                record["seq"] > current["last_seq"] if record["boot_id"] == current["boot_id"]
+                else rfc3339_epoch(record["ts"]) > rfc3339_epoch(current["ts"])):
+            db.execute("UPDATE robots SET records = records + 1 WHERE robot_id = ?", (record["robot_id"],))
+            return
         db.execute(
             "INSERT INTO robots (robot_id, gateway_id, last_seen, ts, version, health, cpu, mem, boot_id, last_seq, records)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,1)"
@@ -148,7 +199,7 @@ class SqliteTelemetryStore:
             " version=CASE WHEN excluded.version != '' THEN excluded.version ELSE robots.version END,"
             " health=CASE WHEN excluded.health != '' THEN excluded.health ELSE robots.health END,"
             " cpu=coalesce(excluded.cpu, robots.cpu), mem=coalesce(excluded.mem, robots.mem)",
-            (record["robot_id"], gateway_id, now, record["ts"], record.get("version", "") if metric else "",
+            (record["robot_id"], gateway_id, reported, record["ts"], record.get("version", "") if metric else "",
              record["health"] if metric else "", record["cpu"] if metric else None, record["mem"] if metric else None,
              record["boot_id"], record["seq"]),
         )
@@ -176,3 +227,9 @@ class SqliteTelemetryStore:
             for row in db.execute("SELECT received, body FROM records WHERE robot_id = ? AND type = 'metric' AND received >= ?"
                                   " ORDER BY received, id", (robot_id, since))
         ]
+
+
+def rfc3339_epoch(ts: str) -> float:
+    """A validated record ts (YYYY-MM-DDTHH:MM:SS[.frac]Z) in epoch seconds."""
+    whole = calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S"))
+    return whole + (float("0" + ts[19:-1]) if ts[19] == "." else 0.0)

@@ -6,8 +6,9 @@ and each request's 2xx is sent only after the commit that holds its records.
 `(robot_id, boot_id, seq)` is unique, so a retried record is acknowledged
 without being stored twice; because a robot sends its records in `seq` order,
 the highest seq stored per (robot, boot) also catches a retry that arrives
-after the original was already forwarded and deleted. Ids use AUTOINCREMENT: never reused, so the
-dashboard can key its idempotency on (gateway, id).
+after the original was already forwarded and deleted. Ids use AUTOINCREMENT: never reused by one
+database, so the dashboard can key its idempotency on (gateway, buffer_id, id); a database restored
+from a backup or snapshot, or cloned, does reuse them, and then takes a new buffer_id (forwarder.py).
 
 The buffer is bounded: when the database's used pages exceed the budget, the
 oldest *metric* rows are dropped (never events) and a gap row records how
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from otad.daemon import Worker
 from otad.telemetry.records import encode
 
 log = logging.getLogger("otad.gateway")
@@ -39,6 +41,18 @@ CREATE TABLE IF NOT EXISTS records (
     UNIQUE (robot_id, boot_id, seq)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Rows the dashboard refused by name (forwarder.py): kept, counted, out of the queue.
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    robot_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    received REAL NOT NULL,
+    body TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS high_water (
     robot_id TEXT NOT NULL,
     boot_id TEXT NOT NULL,
@@ -53,6 +67,8 @@ DROP_CHUNK = 500
 class _Job:
     records: list[dict] | None = None
     ack_up_to: int | None = None
+    quarantine: tuple[int, str] | None = None  # (row id, the dashboard's reason)
+    new_buffer_id: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     accepted: int = 0
     duplicates: int = 0
@@ -92,14 +108,20 @@ class TelemetryBuffer:
         # so a gateway whose buffer was wiped (ids restarting at 1) is not mistaken for a replay.
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('buffer_id', lower(hex(randomblob(8))))")
         self.buffer_id = self._db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()[0]
+        self.quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+        self._check_machine()
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._stop = False
         self.new_records = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
+        self._thread = Worker("telemetry-writer", self._run, stopping=lambda: self._stop)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def thread(self) -> Worker:
+        return self._thread
 
     def close(self) -> None:
         with self._cond:
@@ -117,6 +139,32 @@ class TelemetryBuffer:
     def acknowledge(self, up_to: int, timeout: float = 30) -> None:
         """The dashboard holds every row with id <= up_to: delete them."""
         self._submit(_Job(ack_up_to=up_to), timeout)
+
+    def quarantine(self, row_id: int, reason: str, timeout: float = 30) -> None:
+        """Move one row the dashboard refused out of the queue, into the quarantine table."""
+        self._submit(_Job(quarantine=(row_id, reason)), timeout)
+
+    def new_buffer_id(self, timeout: float = 30) -> str:
+        """Take a fresh random buffer_id: the dashboard holds other rows under these ids (a restored
+        or cloned buffer). Rows not yet acknowledged are sent again under the new id."""
+        self._submit(_Job(new_buffer_id=True), timeout)
+        return self.buffer_id
+
+    def _check_machine(self) -> None:
+        """A buffer first opened on another machine (a cloned image that shipped telemetry.db) takes
+        a new buffer_id at once; a backup or VM snapshot restored on the same machine cannot be seen
+        from here: the dashboard's 409 buffer_reused answer catches those (forwarder.py)."""
+        try:
+            machine = Path("/etc/machine-id").read_text().strip()[:64]
+        except OSError:
+            return
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'machine_id'").fetchone()
+        if row is not None and row[0] != machine:
+            self._db.execute("UPDATE meta SET value = lower(hex(randomblob(8))) WHERE key = 'buffer_id'")
+            old, self.buffer_id = self.buffer_id, self._db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()[0]
+            log.warning("telemetry: %s was made on another machine (a cloned image?): buffer_id %s replaced by %s",
+                        self.path, old, self.buffer_id)
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('machine_id', ?)", (machine,))
 
     def _submit(self, job: _Job, timeout: float) -> tuple[int, int]:
         with self._cond:
@@ -159,7 +207,7 @@ class TelemetryBuffer:
         db = self._db
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
-        delta = 0
+        delta, quarantined, buffer_id = 0, 0, self.buffer_id
         try:
             inserted = False
             for job in jobs:
@@ -179,6 +227,15 @@ class TelemetryBuffer:
                     inserted = True
                 if job.ack_up_to is not None:
                     delta -= db.execute("DELETE FROM records WHERE id <= ?", (job.ack_up_to,)).rowcount
+                if job.quarantine is not None:
+                    moved = db.execute(
+                        "INSERT OR IGNORE INTO quarantine SELECT id, robot_id, boot_id, seq, kind, received, body, ?, ?"
+                        " FROM records WHERE id = ?", (job.quarantine[1], now, job.quarantine[0])).rowcount
+                    delta -= db.execute("DELETE FROM records WHERE id = ?", (job.quarantine[0],)).rowcount
+                    quarantined += moved
+                if job.new_buffer_id:
+                    db.execute("UPDATE meta SET value = lower(hex(randomblob(8))) WHERE key = 'buffer_id'")
+                    buffer_id = db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()[0]
             if inserted:
                 delta += self._enforce_bound(db, now)
             db.execute("COMMIT")
@@ -186,6 +243,8 @@ class TelemetryBuffer:
             db.execute("ROLLBACK")
             raise
         self.count += delta
+        self.quarantined += quarantined
+        self.buffer_id = buffer_id
         if inserted:
             self.new_records.set()
         self._truncate_wal()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -53,11 +52,10 @@ class Gateway(Daemon):
             if warning:
                 log.warning("%s", warning)
         self.syncer = Syncer(self.settings, self.cache, self.sync_beat)
-        self.server_thread = self.server.start_thread("edge")
-        self.sync_thread = threading.Thread(target=self.syncer.run, name="sync", daemon=True)
-        self.sync_thread.start()
-        self.forward_thread = threading.Thread(target=self.forwarder.run, name="forwarder", daemon=True)
-        self.forward_thread.start()
+        self.adopt(self.buffer.thread)
+        self.watch(self.server.start_thread("edge"))
+        self.sync_thread = self.spawn("sync", self.syncer.run)
+        self.forward_thread = self.spawn("forwarder", self.forwarder.run)
 
     def _load_tokens(self, settings: GatewaySettings) -> None:
         """Token files are (re)read at start and on SIGHUP; a bad file keeps the old tokens."""
@@ -83,8 +81,6 @@ class Gateway(Daemon):
                                  settings.backoff_max, limits, client_tls(settings, "dashboard_ca_file"))
 
     def tick(self) -> float:
-        if not self.server_thread.is_alive():
-            self.fail("edge listener stopped unexpectedly")
         return 1.0
 
     def apply_settings(self, settings: GatewaySettings) -> None:
@@ -117,6 +113,8 @@ class Gateway(Daemon):
         forwarder = getattr(self, "forwarder", None)
         if forwarder is not None:
             text = f"telemetry: {self.buffer.backlog():,} pending"
+            if self.buffer.quarantined:
+                text += f", {self.buffer.quarantined:,} quarantined"
             if forwarder.down_since is not None:
                 text += ", WAN down since " + time.strftime("%H:%M", time.localtime(forwarder.down_since))
             parts.append(text)

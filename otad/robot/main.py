@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from pathlib import Path
 
 from otad.daemon import Daemon, Heartbeat, daemon_main
@@ -37,12 +36,9 @@ class Robot(Daemon):
         if warning := plain_http_warning(self.settings.gateway_url, "GATEWAY_URL"):
             log.warning("%s", warning)
         self.worker = Worker(self.settings, self.installer, self.work_beat)
-        self.thread = threading.Thread(target=self.worker.run, name="worker", daemon=True)
-        self.thread.start()
+        self.thread = self.spawn("worker", self.worker.run)
 
     def tick(self) -> float:
-        if not self.thread.is_alive():
-            self.fail("worker thread stopped unexpectedly")
         return 1.0
 
     def apply_settings(self, settings: RobotSettings) -> None:
