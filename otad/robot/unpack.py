@@ -116,50 +116,16 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_files: int) -> int:
     """Unpack `archive` into the new folder `dest`; return the number of bytes written."""
     dest.mkdir(mode=0o755)
-    total = files = 0
-    pending = _PendingDirs()
-    pending.add(dest)
-    checked_parent = ""  # the last member's folder, already known to be a real folder chain
+    unpacker = _Unpacker(dest, max_bytes)
     try:
         # gzip.GzipFile decompresses at most what is asked for; tarfile's own "r|gz" keeps up to
         # a thousand times its 10 KiB read in a buffer that it copies again for every header read.
         with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as unzipped, \
                 tarfile.open(fileobj=unzipped, mode="r|", tarinfo=_GuardedTarInfo) as tar:
-            for member in _members(tar):
-                files += 1
+            for files, member in enumerate(_members(tar), start=1):
                 if files > max_files:
                     raise UnsafeArchive(f"archive has more than {max_files} entries")
-                name = _member_name(member.name)
-                parent = posixpath.dirname(name)
-                if parent != checked_parent:
-                    for created in _check_parents(dest, name):
-                        pending.add(created)
-                        pending.add(created.parent)
-                    checked_parent = parent
-                target = dest / name
-                _check_new(name, target, member)
-                if member.isdir():
-                    if not target.is_dir():
-                        target.mkdir(mode=0o755)
-                        pending.add(target)
-                elif member.isfile():
-                    if total + member.size > max_bytes:
-                        raise UnsafeArchive(f"unpacked size exceeds {max_bytes // 2**20} MiB")
-                    total += _write_file(tar, member, target)
-                elif member.issym():
-                    problem = symlink_target_problem(name, member.linkname)
-                    if problem:
-                        raise UnsafeArchive(f"{name}: {problem}")
-                    os.symlink(member.linkname, target)
-                elif member.islnk():
-                    source = _member_name(member.linkname)
-                    _check_parents(dest, source, creating=False)
-                    if not (dest / source).is_file() or (dest / source).is_symlink():
-                        raise UnsafeArchive(f"{name}: hard link to {member.linkname!r}, which is not a file of this release")
-                    os.link(dest / source, target)
-                else:
-                    raise UnsafeArchive(f"{name}: device files, fifos and other special files are refused")
-                pending.add(target.parent)
+                unpacker.member(tar, member)
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:  # ValueError: a robot rejects, never crashes
         if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
             raise
@@ -167,8 +133,54 @@ def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_
             raise UnsafeArchive(f"archive cannot be unpacked: not a gzip file, or a damaged one ({exc})") from None
         raise UnsafeArchive(f"archive cannot be unpacked: {exc}") from None
     _check_version(dest, version)
-    pending.flush()
-    return total
+    unpacker.pending.flush()
+    return unpacker.total
+
+
+class _Unpacker:
+    """One member at a time, with constant state: the byte count, the folders awaiting fsync
+    (bounded) and the last member's folder."""
+
+    def __init__(self, dest: Path, max_bytes: int) -> None:
+        self.dest, self.max_bytes, self.total = dest, max_bytes, 0
+        self.pending = _PendingDirs()
+        self.pending.add(dest)
+        self.checked_parent = ""  # the last member's folder, known to be a chain of real folders
+
+    def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        dest = self.dest
+        name = _member_name(member.name)
+        parent = posixpath.dirname(name)
+        # A folder checked once stays a real folder: nothing is ever removed or replaced.
+        if parent != self.checked_parent:
+            for created in _check_parents(dest, name):
+                self.pending.add(created)
+                self.pending.add(created.parent)
+            self.checked_parent = parent
+        target = dest / name
+        _check_new(name, target, member)
+        if member.isdir():
+            if not target.is_dir():
+                target.mkdir(mode=0o755)
+                self.pending.add(target)
+        elif member.isfile():
+            if self.total + member.size > self.max_bytes:
+                raise UnsafeArchive(f"unpacked size exceeds {self.max_bytes // 2**20} MiB")
+            self.total += _write_file(tar, member, target)
+        elif member.issym():
+            problem = symlink_target_problem(name, member.linkname)
+            if problem:
+                raise UnsafeArchive(f"{name}: {problem}")
+            os.symlink(member.linkname, target)
+        elif member.islnk():
+            source = _member_name(member.linkname)
+            _check_parents(dest, source, creating=False)
+            if not (dest / source).is_file() or (dest / source).is_symlink():
+                raise UnsafeArchive(f"{name}: hard link to {member.linkname!r}, which is not a file of this release")
+            os.link(dest / source, target)
+        else:
+            raise UnsafeArchive(f"{name}: device files, fifos and other special files are refused")
+        self.pending.add(target.parent)
 
 
 def _member_name(raw: str) -> str:
