@@ -444,6 +444,48 @@ def old_gnu_sparse(folder: Path, version: str, outside: Path) -> Path:
     return r.path
 
 
+def _global_pax_header(data_bytes: int, records: int) -> bytes:
+    """A global PAX header (type g) of `records` records in about `data_bytes`: tarfile copies
+    every global record into each member's `pax_headers`, so its cost is paid once per member."""
+    value = "v" * (data_bytes // records - 12)
+    return tarfile.TarInfo._create_pax_generic_header({f"g{i:03d}": value for i in range(records)}, tarfile.XGLTYPE, "utf-8")
+
+
+def long_dir(depth: int = 4) -> str:
+    """A folder path of about 1 KiB (4 components of 250 characters)."""
+    return "/".join(f"{n:02d}" + "d" * 248 for n in range(depth))
+
+
+def member_bomb(folder: Path, version: str, outside: Path, members: int = LIMIT_FILES - 2,
+                case_id: str = "member-bomb") -> Path:
+    """Legal, and cheap on disk: one global PAX header just under the caps (16 KiB, 128
+    records), then `members` symlinks with 1 KiB names (with VERSION and bin/app: exactly
+    `members` + 2 entries).
+
+    A member costs a few dozen bytes of gzip and nothing on disk, so an unpacker that keeps
+    anything per member (tarfile's member list, each with its copy of the global records, or
+    its own lists of names) grows with the count: 25 KiB a member, 2.5 GiB at 100,000."""
+    with Release(_archive(folder, case_id), version) as r:
+        r.raw(_global_pax_header(16 * 1024 - 512, 120))  # unpack.py: MAX_HEADER_BYTES, MAX_PAX_RECORDS
+        base = long_dir()
+        for i in range(members):
+            r.symlink(f"{base}/l{i:06d}", "target")
+    return r.path
+
+
+def global_pax_pile(folder: Path, version: str, outside: Path) -> Path:
+    # Each global header is under the per-header cap and comes in short runs (under the
+    # chain cap), but tarfile merges them all into one dict that lives until the end and
+    # is copied into every later member: 6 per member add 84 KiB each, unbounded in sum.
+    with Release(_archive(folder, "global-pax-pile"), version) as r:
+        for n in range(LIMIT_FILES - 2):
+            for m in range(6):
+                r.raw(tarfile.TarInfo._create_pax_generic_header(
+                    {f"{n:02x}{m}{i:02x}": "v" * 200 for i in range(64)}, tarfile.XGLTYPE, "utf-8"))
+            r.file(f"data/f{n:02d}", b"")
+    return r.path
+
+
 # -- VERSION ----------------------------------------------------------------------------
 def version_mismatch(folder: Path, version: str, outside: Path) -> Path:
     with Release(_archive(folder, "version-mismatch"), version, version_text="99.0.0") as r:
@@ -507,7 +549,7 @@ CASES: list[tuple[str, Builder, str | None]] = [
     ("empty-name", empty_name, "absolute or invalid member name"),
     ("symlink-absolute", symlink_absolute, "symlink to absolute path"),
     ("symlink-dotdot", symlink_dotdot, "leaves the release folder"),
-    ("symlink-chain-escape", symlink_chain_escape, "leaves the release folder"),
+    ("symlink-chain-escape", symlink_chain_escape, "'..' only at its start"),
     ("symlink-nul-target", symlink_nul_target, "symlink target is empty or holds a NUL byte"),
     ("write-through-symlink-dir", write_through_symlink_dir, "path goes through the symlink 'd'"),
     ("write-through-symlink-dot", write_through_symlink_dot, "leaves the release folder"),
@@ -528,6 +570,8 @@ CASES: list[tuple[str, Builder, str | None]] = [
     ("pax-header-chain", pax_header_chain, "extended headers in a row"),
     ("sparse-map-bomb", sparse_map_bomb, "sparse files are refused"),
     ("old-gnu-sparse", old_gnu_sparse, "sparse files are refused"),
+    ("member-bomb", member_bomb, None),
+    ("global-pax-pile", global_pax_pile, "PAX records for one member"),
     ("version-mismatch", version_mismatch, "archive VERSION says '99.0.0'"),
     ("version-missing", version_missing, "no VERSION file"),
     ("version-symlink", version_symlink, "no VERSION file"),

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, make_app, otad_release
+from harness import run_command
+from invariants import current_version
 
 ARMOR_BEGIN = b"-----BEGIN PGP SIGNATURE-----"
 ARMOR_END = b"-----END PGP SIGNATURE-----"
@@ -366,3 +368,67 @@ def test_verify_leaves_the_users_gnupg_and_temp_folder_alone(signer, stranger, p
     assert list(home.iterdir()) == []
     assert list(tmp.iterdir()) == []
     assert _snapshot(signer.home) == before
+
+
+# --- through a real gateway and a real robot ---------------------------------------------------
+
+
+def build_gpg_release(site, key: GpgKey, version: str) -> Path:
+    """`otad-release build` signed with `key`: artifact, manifest and manifest bundle (.asc) all by gpg."""
+    app = make_app(site.root / f"app-{version}", version)
+    out = site.root / f"out-{version}-gpg"
+    result = otad_release("build", "--app-dir", str(app), "--version", version,
+                          "--gpg-home", str(key.home), "--gpg-key", key.fpr, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_a_gpg_signed_release_installs_through_a_real_gateway_and_robot(site, signer, stranger, tmp_path):
+    """TRUSTED_GPG_KEYRING, and no cosign key at all (TRUSTED_KEYS empty): the gateway and the
+    robot check the gpg signatures over the manifest and the artifact, each with its own keyring.
+
+    The gateway trusts both keys (an armored keyring of two exports), the robot only the release
+    key: the stranger's release is cached by the gateway and refused by the robot on its own.
+    """
+    both = tmp_path / "both.asc"
+    both.write_bytes(signer.keyring_asc.read_bytes() + stranger.keyring_asc.read_bytes())
+    gw = site.gateway(TRUSTED_KEYS="", TRUSTED_GPG_KEYRING=both).start()
+    robot = site.robot(gw.url, TRUSTED_KEYS="", TRUSTED_GPG_KEYRING=signer.keyring).start(wait_listening=False)
+
+    site.publish(build_gpg_release(site, signer, "1.0.0"))
+    line = gw.wait_for_log(r"verified app 1\.0\.0 .*", timeout=60)[0]
+    assert f"key {signer.fpr}" in line and f"manifest signed by {signer.fpr}" in line, line
+    line = robot.wait_for_log(r"verified app 1\.0\.0 .*", timeout=60)[0]
+    assert f"key {signer.fpr}" in line, line
+    robot.wait_for_log(r"installed app 1\.0\.0", timeout=60)
+    assert current_version(tmp_path / "robot-app") == "1.0.0"
+
+    site.publish(build_gpg_release(site, stranger, "1.1.0"))
+    gw.wait_for_log(rf"verified app 1\.1\.0 .*key {stranger.fpr}", timeout=60)
+    rejected = robot.wait_for_log(r"rejected app (manifest|1\.1\.0): (.*)", timeout=60)
+    assert "gpg signature made by unknown key" in rejected[2], rejected[0]
+    assert current_version(tmp_path / "robot-app") == "1.0.0"
+    assert gw.running() and robot.running()
+    for daemon in (gw, robot):
+        assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.parametrize("command", ["otad-gateway", "otad-robot"])
+def test_an_unusable_gpg_keyring_or_no_trust_at_all_stops_start_up_in_one_line(site, signer, tmp_path, command):
+    not_a_keyring = tmp_path / "notes.txt"
+    not_a_keyring.write_text("these are not keys\n")
+    secret = tmp_path / "secret.gpg"
+    secret.write_bytes(run_gpg(signer.home, "--export-secret-keys", signer.fpr).stdout)
+    make = site.gateway if command == "otad-gateway" else lambda **kw: site.robot("http://127.0.0.1:9", **kw)
+    cases = [
+        ({"TRUSTED_GPG_KEYRING": tmp_path / "missing.asc"}, ("TRUSTED_GPG_KEYRING", "cannot read gpg keyring")),
+        ({"TRUSTED_GPG_KEYRING": not_a_keyring}, ("TRUSTED_GPG_KEYRING", "holds no public key")),
+        ({"TRUSTED_GPG_KEYRING": secret}, ("TRUSTED_GPG_KEYRING", "secret key")),
+        ({"TRUSTED_KEYS": ""}, ("TRUSTED_KEYS is empty and TRUSTED_GPG_KEYRING is not set",)),
+    ]
+    for overrides, fragments in cases:
+        config = make(**overrides).config
+        for args in (["--check-config"], []):
+            assert_one_line_error(run_command(command, "--config", str(config), *args, timeout=30), *fragments)
+    good = make(TRUSTED_KEYS="", TRUSTED_GPG_KEYRING=signer.keyring).config
+    assert run_command(command, "--config", str(good), "--check-config", timeout=30).returncode == 0

@@ -1,6 +1,6 @@
 """The release corpus through the real daemons: hostile manifests, bundles and checksum
 files (tests/corpus/release-cases.json) to a real gateway and a real robot at once,
-and the 35 hostile archives (tests/hostile_archives.py) to a real robot.
+and the 37 hostile archives (tests/hostile_archives.py) to a real robot.
 
 The sender is a stand-in: `HostileServer` plays a compromised dashboard (for the
 gateway) and a compromised gateway (for the robot) at the same time. It has to
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,9 +29,9 @@ from pathlib import Path
 import pytest
 
 from conftest import otad_release
-from fleet import Site, served_manifest, wait_for_version
+from fleet import Site, rss_high_water_kib, served_manifest, wait_for_version
 from harness import Daemon
-from hostile_archives import CASES as ARCHIVE_CASES, LIMIT_FILES, prepare_outside
+from hostile_archives import CASES as ARCHIVE_CASES, LIMIT_FILES, long_dir, member_bomb, prepare_outside
 from invariants import current_version
 from otad.trust.bundle import render_bundle
 from otad.trust.keys import load_private_key, public_key_hint
@@ -233,9 +234,23 @@ def archive_reasons(case_id: str, reason: str | None) -> tuple[str, ...]:
     return (reason, *ARCHIVE_ALTERNATIVES.get(case_id, ()))
 
 
+def serve_signed_archive(site: Site, archive: bytes, version: str) -> None:
+    """Serve `archive` as app `version`: signed with the trusted key, with its checksum file and a signed manifest."""
+    name = f"app-v{version}.tar.gz"
+    sha = hashlib.sha256(archive).hexdigest()
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    doc = {"schema": 1, "name": "app", "version": version, "artifact": name, "bundle": f"{name}.bundle",
+           "checksum": f"app-v{version}.sha256", "size": len(archive), "sha256": sha, "signature": "cosign",
+           "created": "2026-11-26T00:00:00Z", "expires": expires}
+    data, bundle = site.signer.manifest(doc)
+    site.hostile.files = {"/manifest": data, "/manifest.bundle": bundle, f"/ota/{name}": archive,
+                          f"/ota/{name}.bundle": site.signer.bundle(archive),
+                          f"/ota/app-v{version}.sha256": f"{sha}  {name}\n".encode()}
+
+
 @pytest.mark.slow
 def test_every_hostile_archive_is_refused_by_a_real_robot(hostile, tmp_path):
-    """All 35 archives, each signed with the trusted key and served with a signed manifest."""
+    """All 37 archives, each signed with the trusted key and served with a signed manifest."""
     site = hostile
     outside = tmp_path / "outside"
     prepare_outside(outside)
@@ -243,20 +258,11 @@ def test_every_hostile_archive_is_refused_by_a_real_robot(hostile, tmp_path):
     server.serve_release(site.build("1.0.0"))
     robot = site.robot(server.url, MAX_UNPACKED_MB=ROBOT_MAX_MB, MAX_FILES=LIMIT_FILES).start(wait_listening=False)
     robot.wait_for_log(r"installed app 1\.0\.0", timeout=CASE_TIMEOUT)
-    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
     failures, installed = [], ["1.0.0"]
     for n, (case_id, builder, reason) in enumerate(ARCHIVE_CASES, start=1):
         version = f"1.0.{n}"
         archive = builder(tmp_path / "archives", version, outside).read_bytes()
-        name = f"app-v{version}.tar.gz"
-        sha = hashlib.sha256(archive).hexdigest()
-        doc = {"schema": 1, "name": "app", "version": version, "artifact": name, "bundle": f"{name}.bundle",
-               "checksum": f"app-v{version}.sha256", "size": len(archive), "sha256": sha, "signature": "cosign",
-               "created": "2026-11-26T00:00:00Z", "expires": expires}
-        data, bundle = site.signer.manifest(doc)
-        server.files = {"/manifest": data, "/manifest.bundle": bundle, f"/ota/{name}": archive,
-                        f"/ota/{name}.bundle": site.signer.bundle(archive),
-                        f"/ota/app-v{version}.sha256": f"{sha}  {name}\n".encode()}
+        serve_signed_archive(site, archive, version)
         offset = len(robot.log())
         if reason is None:
             if wait_for_reason(robot, offset, f"installed app {version}") is None:
@@ -277,3 +283,35 @@ def test_every_hostile_archive_is_refused_by_a_real_robot(hostile, tmp_path):
     assert robot.running() and "Traceback" not in robot.log()
     assert current_version(tmp_path / "robot-app") == installed[-1]
     assert sorted(os.listdir(outside)) == ["passwd"] and (outside / "passwd").read_bytes().startswith(b"root:")
+
+
+PEAK_RSS_BOUND_KIB = 64 * 1024  # docs/security.md: the unpacker's memory does not grow with the member count
+BOMB_FILES = 25_000
+
+
+@pytest.mark.slow
+def test_a_member_bomb_at_the_file_limit_installs_in_bounded_memory(hostile, tmp_path):
+    """The worst legal archive at the robot's MAX_FILES: one 16 KiB global PAX header (127
+    records), then symlinks with 1 KiB names, 25 KiB of parser state per member if any is kept.
+
+    The real robot must install it and its peak RSS (VmHWM, the whole daemon's) stay under
+    64 MiB. MAX_FILES is 25,000 here, not the shipped 100,000, to keep the test short:
+    test_robot_unpack.py shows the unpacker's peak does not depend on the count. The
+    daemon's address space is capped at 1 GiB first, so a regression fails this test
+    instead of taking the test machine's memory.
+    """
+    site = hostile
+    archive = member_bomb(tmp_path / "archives", "2.0.0", tmp_path, members=BOMB_FILES - 2).read_bytes()
+    site.hostile.serve_release(site.build("1.0.0"))
+    robot = site.robot(site.hostile.url, MAX_FILES=BOMB_FILES).start(wait_listening=False)
+    robot.wait_for_log(r"installed app 1\.0\.0", timeout=CASE_TIMEOUT)
+    _, hard = resource.prlimit(robot.proc.pid, resource.RLIMIT_AS)
+    resource.prlimit(robot.proc.pid, resource.RLIMIT_AS, (1 << 30, hard))
+
+    serve_signed_archive(site, archive, "2.0.0")
+    robot.wait_for_log(r"(installed|rejected) app 2\.0\.0.*", timeout=300)
+    assert current_version(tmp_path / "robot-app") == "2.0.0", robot.log()[-800:]
+    assert len(os.listdir(tmp_path / "robot-app" / "CURRENT" / long_dir())) == BOMB_FILES - 2
+    peak = rss_high_water_kib(robot.proc.pid)
+    assert peak < PEAK_RSS_BOUND_KIB, f"robot peak RSS {peak // 1024} MiB while unpacking {BOMB_FILES} members"
+    assert robot.running() and "Traceback" not in robot.log()

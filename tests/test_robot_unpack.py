@@ -20,7 +20,7 @@ import pytest
 
 from conftest import otad_release
 from fleet import Site
-from hostile_archives import BUILDERS, CASES, LIMIT_BYTES, LIMIT_FILES, REASONS, prepare_outside
+from hostile_archives import BUILDERS, CASES, LIMIT_BYTES, LIMIT_FILES, REASONS, member_bomb, prepare_outside
 from invariants import current_problem, current_version, robot_state
 
 VERSION = "2.0.0"
@@ -49,7 +49,7 @@ print(json.dumps(result))
 
 def unpack_in_child(archive: Path, dest: Path, version: str, max_bytes: int, max_files: int) -> dict:
     done = subprocess.run([sys.executable, "-c", CHILD, str(archive), str(dest), version, str(max_bytes), str(max_files)],
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, f"unpack_release raised something other than UnsafeArchive:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout)
 
@@ -111,13 +111,27 @@ def test_unpacker_refuses_and_writes_nothing_outside(tmp_path, case_id, builder,
     assert result["peak_kib"] < PEAK_RSS_LIMIT_KIB, f"peak RSS {result['peak_kib']} KiB"
     if reason is None:
         assert "unsafe" not in result, result["unsafe"]
-        check_modes_dropped(dest)
+        UNPACKED_CHECKS[case_id](dest)
         return
     assert "unsafe" in result, f"unpacked, {result.get('written')} bytes: not refused"
     assert reason in result["unsafe"], result["unsafe"]
     # The unpacker may leave a partial folder (the caller removes it), but never past its limit.
     if dest.exists():
         assert bytes_under(dest) <= LIMIT_BYTES
+
+
+def test_unpacker_memory_does_not_grow_with_the_member_count(tmp_path):
+    """The real unpack_release in a child (its own VmHWM), on the same member bomb at 1,000 and
+    at 20,000 members: a global PAX header and symlinks with long names. Kept per member
+    (tarfile's member list with each one's copy of the global records, lists of names) that
+    is 25 KiB a member; bounded, twenty times the members costs next to nothing."""
+    peaks = {}
+    for members in (1_000, 20_000):
+        archive = member_bomb(tmp_path / f"corpus-{members}", VERSION, tmp_path, members=members)
+        result = unpack_in_child(archive, tmp_path / f"dest-{members}", VERSION, LIMIT_BYTES, members + 2)
+        assert "unsafe" not in result, result["unsafe"]
+        peaks[members] = result["peak_kib"]
+    assert peaks[20_000] - peaks[1_000] < 2 * 1024, f"peak RSS in KiB by member count: {peaks}"
 
 
 def check_modes_dropped(dest: Path) -> None:
@@ -137,6 +151,14 @@ def check_modes_dropped(dest: Path) -> None:
     assert stat.S_IMODE(os.stat(dest / "etc" / "shared.conf").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(dest / "tmp").st_mode) == 0o755
     assert (dest / "bin" / "su").read_bytes() == b"#!/bin/sh\nid\n"
+
+
+def check_member_bomb(dest: Path) -> None:
+    links = [Path(here) / name for here, _, files in os.walk(dest) for name in files if name.startswith("l")]
+    assert len(links) == LIMIT_FILES - 2 and all(os.readlink(link) == "target" for link in links)
+
+
+UNPACKED_CHECKS = {"setuid-setgid": check_modes_dropped, "member-bomb": check_member_bomb}
 
 
 # -- through the real daemons -------------------------------------------------------------

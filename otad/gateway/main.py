@@ -28,7 +28,7 @@ class Gateway(Daemon):
 
     def __init__(self, settings: GatewaySettings, config_path: Path) -> None:
         super().__init__(settings, config_path)
-        self.cache = Cache(settings.cache_path, TrustAnchors(cosign_keys=settings.trusted_keys))
+        self.cache = Cache(settings.cache_path, TrustAnchors(cosign_keys=settings.trusted_keys, gpg_keyring=settings.trusted_gpg_keyring))
         # A download makes progress at least every READ_TIMEOUT; a poll ends within
         # the connect + read timeouts. Silence far beyond that means a hung worker.
         self.sync_beat = Heartbeat("sync", max_silence=4 * (settings.connect_timeout + settings.read_timeout) + 60)

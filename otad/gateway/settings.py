@@ -7,7 +7,7 @@ from pathlib import Path
 
 from otad.config import http_url, identifier, listen_address, optional_path, path, seconds, setting, whole
 from otad.errors import ConfigError
-from otad.keyconfig import trusted_keys
+from otad.keyconfig import check_trust, trusted_gpg_keyring, trusted_keys
 from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
 
@@ -21,7 +21,8 @@ def _default_gateway_id() -> str:
 @dataclass(frozen=True)
 class GatewaySettings:
     dashboard_url: str = setting(http_url, doc="base URL of the central dashboard")
-    trusted_keys: tuple[PublicKey, ...] = setting(trusted_keys, "/etc/otad/keys", "release public keys")
+    trusted_keys: tuple[PublicKey, ...] = setting(trusted_keys, "/etc/otad/keys", "cosign release public keys; may be empty with a gpg keyring")
+    trusted_gpg_keyring: bytes | None = setting(trusted_gpg_keyring, "", "exported gpg public keys for gpg-signed releases; empty: none")
     listen: tuple[str, int] = setting(listen_address, "0.0.0.0:8081", "edge listener for robots")
     poll_interval: int = setting(seconds, "30", "seconds between manifest polls (+/- 10% jitter)")
     state_dir: Path = setting(path, "/var/lib/otad/gateway")
@@ -49,6 +50,7 @@ class GatewaySettings:
     header_timeout: int = setting(seconds, "20", "a request's header section must arrive within this many seconds")
 
     def check(self) -> None:
+        check_trust(self.trusted_keys, self.trusted_gpg_keyring)
         check_client_files(self.dashboard_ca_file, self.client_cert, self.client_key, "DASHBOARD_CA_FILE")
         if self.tls_cert is None and (self.tls_key or self.tls_client_ca):
             raise ConfigError("TLS_KEY/TLS_CLIENT_CA are set but TLS_CERT is not")

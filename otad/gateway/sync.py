@@ -72,7 +72,7 @@ class Syncer:
     def apply(self, settings: GatewaySettings) -> None:
         """New settings take effect at the next poll (SIGHUP)."""
         self.settings = settings
-        self.cache.anchors = TrustAnchors(cosign_keys=settings.trusted_keys)
+        self.cache.anchors = TrustAnchors(cosign_keys=settings.trusted_keys, gpg_keyring=settings.trusted_gpg_keyring)
         self._backoff.cap = settings.backoff_max
         limits = TransferLimits(settings.connect_timeout, settings.read_timeout, settings.min_rate)
         old = getattr(self, "client", None)

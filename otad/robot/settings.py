@@ -6,7 +6,7 @@ from pathlib import Path
 
 from otad.config import boolean, http_url, identifier, optional_path, path, seconds, setting, text, whole
 from otad.errors import ConfigError
-from otad.keyconfig import trusted_keys
+from otad.keyconfig import check_trust, trusted_gpg_keyring, trusted_keys
 from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
 
@@ -32,7 +32,8 @@ def _whole_or_zero(raw: str) -> int:
 @dataclass(frozen=True)
 class RobotSettings:
     gateway_url: str = setting(http_url, doc="the site gateway's edge listener")
-    trusted_keys: tuple[PublicKey, ...] = setting(trusted_keys, "/etc/otad/keys")
+    trusted_keys: tuple[PublicKey, ...] = setting(trusted_keys, "/etc/otad/keys", "cosign release public keys; may be empty with a gpg keyring")
+    trusted_gpg_keyring: bytes | None = setting(trusted_gpg_keyring, "", "exported gpg public keys for gpg-signed releases; empty: none")
     poll_interval: int = setting(seconds, "30")
     robot_id: str = setting(_robot_id, "", "default: /etc/machine-id")
     state_dir: Path = setting(path, "/var/lib/otad/robot")
@@ -60,6 +61,7 @@ class RobotSettings:
     client_key: Path | None = setting(optional_path, "", "its private key (PEM, chmod 600)")
 
     def check(self) -> None:
+        check_trust(self.trusted_keys, self.trusted_gpg_keyring)
         check_client_files(self.gateway_ca_file, self.client_cert, self.client_key, "GATEWAY_CA_FILE")
         if self.stall_timeout == 1:  # the worker beats once a second while it waits or a command runs
             raise ConfigError("STALL_TIMEOUT must be 0 (derived from the timeouts) or at least 2 seconds")

@@ -1,30 +1,44 @@
 """Hostile-input-safe unpacking of a release archive into one folder.
 
 Rejected (the whole archive): absolute names, `..` components, members whose
-path passes through a symlink, symlinks or hard links whose target leaves the
-folder, device files, fifos, duplicate names, more than `max_files` members or
-`max_bytes` of content (a gzip bomb stops at the limit, not at a full disk),
-and an archive whose `VERSION` differs from the manifest's. Extended headers
-(PAX records, GNU long names) are capped in size and in number per member and
-sparse files are refused, because tarfile reads those into memory whole.
+path passes through a symlink, symlinks whose target is absolute or has a `..`
+anywhere but at its start (or more leading `..` than the link is deep), hard
+links to anything but a file already unpacked, device files, fifos, duplicate
+names, more than `max_files` members or `max_bytes` of content (a gzip bomb
+stops at the limit, not at a full disk), and an archive whose `VERSION` differs
+from the manifest's. Extended headers (PAX records, GNU long names) are capped
+in size, in number per member and in records per member (global ones included),
+and sparse files are refused, because tarfile reads those into memory whole.
 Setuid, setgid and sticky bits and group/other write bits are dropped. Files
 are written with O_EXCL|O_NOFOLLOW and fsynced, folders fsynced, before the
 caller may activate.
+
+Memory does not grow with the member count: the unpacker keeps no list of
+members, names, links or folders (tarfile's own member list is emptied as it
+goes), duplicates are found on disk, folders waiting for their fsync are a
+bounded set, and gzip is decompressed in bounded reads.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from otad.errors import TrustError
+from otad.trust.links import symlink_target_problem
 
 CHUNK = 64 * 1024  # larger chunks cost page faults in tarfile's temporary buffers (docs/benchmarks.md)
 MAX_HEADER_BYTES = 16 * 1024  # one PAX or GNU long-name header: a path and a link target of 4 KiB fit
 MAX_HEADER_CHAIN = 8  # extended headers before one member; tarfile recurses once per header
+# PAX records that apply to one member, global ones included: tarfile copies and walks them
+# all for every member, so thousands of tiny global records cost per member, not once.
+MAX_PAX_RECORDS = 128
+MAX_PENDING_DIRS = 256  # folders written to but not yet fsynced; more: fsync them now
 _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 
 
@@ -37,7 +51,8 @@ class _GuardedTarInfo(tarfile.TarInfo):
 
     tarfile reads an extended header's data whole into memory (a 2 GiB PAX header
     is 4 GiB of RAM), recurses once per header (thousands in a row end in
-    RecursionError), and reads a sparse file's map into an unbounded list.
+    RecursionError), merges global PAX headers into one dict that every later
+    member copies and walks, and reads a sparse file's map into an unbounded list.
     """
 
     def _proc_member(self, tar):
@@ -52,15 +67,50 @@ class _GuardedTarInfo(tarfile.TarInfo):
             raise UnsafeArchive(f"more than {MAX_HEADER_CHAIN} extended headers in a row")
         tar._otad_header_chain = depth + 1
         try:
-            return super()._proc_member(tar)
+            member = super()._proc_member(tar)
         finally:
             tar._otad_header_chain = depth
+        # A member without headers of its own carries only the global records, which were
+        # counted here, at the member after the global header that set them.
+        if depth == 0 and len(member.pax_headers) > MAX_PAX_RECORDS:
+            raise UnsafeArchive(f"{len(member.pax_headers)} PAX records for one member, global ones included "
+                                f"(at most {MAX_PAX_RECORDS})")
+        return member
 
     def _refuse_sparse(self, member, *_):
         raise UnsafeArchive(f"{member.name[:80]!r}: sparse files are refused")
 
     # GNU sparse formats 0.0, 0.1 and 1.0, announced in PAX records (1.0 reads its map from the data).
     _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+class _PendingDirs:
+    """Folders that got a new entry since their last fsync: a bounded set, flushed when full and at the end.
+
+    A folder fsynced early and written to again is added again, so each one's last
+    change is followed by an fsync before unpack_release returns.
+    """
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+
+    def add(self, path: str | os.PathLike[str]) -> None:
+        self.paths.add(os.fspath(path))
+        if len(self.paths) >= MAX_PENDING_DIRS:
+            self.flush()
+
+    def flush(self) -> None:
+        for path in sorted(self.paths, key=len, reverse=True):  # children before their parents
+            _fsync_dir(path)
+        self.paths.clear()
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Each member once, none kept: TarFile.members would hold every header (each with
+    its copy of the global PAX records) until the archive ends."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
 
 
 def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_files: int,
@@ -71,52 +121,71 @@ def unpack_release(archive: Path, dest: Path, version: str, max_bytes: int, max_
     the unpacker reads more of it (the caller's heartbeat: a long unpack is progress).
     """
     dest.mkdir(mode=0o755)
-    total = files = 0
-    seen: set[str] = set()
-    dirs = [dest]
-    links: list[str] = []
+    unpacker = _Unpacker(dest, max_bytes)
     try:
-        with open(archive, "rb") as raw, \
-                tarfile.open(fileobj=_ReadProgress(raw, progress), mode="r|gz", tarinfo=_GuardedTarInfo) as tar:
-            for member in tar:
-                files += 1
+        # gzip.GzipFile decompresses at most what is asked for; tarfile's own "r|gz" keeps up to
+        # a thousand times its 10 KiB read in a buffer that it copies again for every header read.
+        with open(archive, "rb") as raw, gzip.GzipFile(fileobj=_ReadProgress(raw, progress), mode="rb") as unzipped, \
+                tarfile.open(fileobj=unzipped, mode="r|", tarinfo=_GuardedTarInfo) as tar:
+            for files, member in enumerate(_members(tar), start=1):
                 if files > max_files:
                     raise UnsafeArchive(f"archive has more than {max_files} entries")
-                name = _member_name(member.name)
-                if name in seen and not member.isdir():
-                    raise UnsafeArchive(f"{name}: appears twice in the archive")
-                seen.add(name)
-                target = dest / name
-                dirs += _check_parents(dest, name)
-                if member.isdir():
-                    if not target.is_dir():
-                        target.mkdir(mode=0o755)
-                        dirs.append(target)
-                elif member.isfile():
-                    if total + member.size > max_bytes:
-                        raise UnsafeArchive(f"unpacked size exceeds {max_bytes // 2**20} MiB")
-                    total += _write_file(tar, member, target)
-                elif member.issym():
-                    _check_link_target(name, member.linkname, "symlink")
-                    os.symlink(member.linkname, target)
-                    links.append(name)
-                elif member.islnk():
-                    source = _member_name(member.linkname)
-                    dirs += _check_parents(dest, source, creating=False)
-                    if not (dest / source).is_file() or (dest / source).is_symlink():
-                        raise UnsafeArchive(f"{name}: hard link to {member.linkname!r}, which is not a file of this release")
-                    os.link(dest / source, target)
-                else:
-                    raise UnsafeArchive(f"{name}: device files, fifos and other special files are refused")
-        _check_links_resolve_inside(dest, links)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # ValueError: a robot rejects, never crashes
+                unpacker.member(tar, member)
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:  # ValueError: a robot rejects, never crashes
         if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
             raise
+        if isinstance(exc, gzip.BadGzipFile):
+            raise UnsafeArchive(f"archive cannot be unpacked: not a gzip file, or a damaged one ({exc})") from None
         raise UnsafeArchive(f"archive cannot be unpacked: {exc}") from None
     _check_version(dest, version)
-    for directory in reversed(dirs):
-        _fsync_dir(directory)
-    return total
+    unpacker.pending.flush()
+    return unpacker.total
+
+
+class _Unpacker:
+    """One member at a time, with constant state: the byte count, the folders awaiting fsync
+    (bounded) and the last member's folder."""
+
+    def __init__(self, dest: Path, max_bytes: int) -> None:
+        self.dest, self.max_bytes, self.total = dest, max_bytes, 0
+        self.pending = _PendingDirs()
+        self.pending.add(dest)
+        self.checked_parent = ""  # the last member's folder, known to be a chain of real folders
+
+    def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        dest = self.dest
+        name = _member_name(member.name)
+        parent = posixpath.dirname(name)
+        # A folder checked once stays a real folder: nothing is ever removed or replaced.
+        if parent != self.checked_parent:
+            for created in _check_parents(dest, name):
+                self.pending.add(created)
+                self.pending.add(created.parent)
+            self.checked_parent = parent
+        target = dest / name
+        _check_new(name, target, member)
+        if member.isdir():
+            if not target.is_dir():
+                target.mkdir(mode=0o755)
+                self.pending.add(target)
+        elif member.isfile():
+            if self.total + member.size > self.max_bytes:
+                raise UnsafeArchive(f"unpacked size exceeds {self.max_bytes // 2**20} MiB")
+            self.total += _write_file(tar, member, target)
+        elif member.issym():
+            problem = symlink_target_problem(name, member.linkname)
+            if problem:
+                raise UnsafeArchive(f"{name}: {problem}")
+            os.symlink(member.linkname, target)
+        elif member.islnk():
+            source = _member_name(member.linkname)
+            _check_parents(dest, source, creating=False)
+            if not (dest / source).is_file() or (dest / source).is_symlink():
+                raise UnsafeArchive(f"{name}: hard link to {member.linkname!r}, which is not a file of this release")
+            os.link(dest / source, target)
+        else:
+            raise UnsafeArchive(f"{name}: device files, fifos and other special files are refused")
+        self.pending.add(target.parent)
 
 
 class _ReadProgress:
@@ -158,36 +227,13 @@ def _check_parents(dest: Path, name: str, creating: bool = True) -> list[Path]:
                 break
             current.mkdir(mode=0o755)
             created.append(current)
-    if creating and os.path.lexists(dest / name) and not (dest / name).is_dir():
-        raise UnsafeArchive(f"{name}: appears twice in the archive")
     return created
 
 
-def _check_link_target(name: str, target: str, kind: str) -> None:
-    # Parents are real folders (checked above), so a lexical check is exact for the
-    # link's own folder; a target passing through other symlinks is checked once the
-    # whole tree is on disk (_check_links_resolve_inside).
-    if not target or "\0" in target:
-        raise UnsafeArchive(f"{name}: {kind} target is empty or holds a NUL byte")
-    if target.startswith("/"):
-        raise UnsafeArchive(f"{name}: {kind} to absolute path {target[:80]!r}")
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-    if resolved == ".." or resolved.startswith("../"):
-        raise UnsafeArchive(f"{name}: {kind} target {target[:80]!r} leaves the release folder")
-
-
-def _check_links_resolve_inside(dest: Path, links: list[str]) -> None:
-    """Resolve every symlink for real: lexically harmless targets can still leave through each other.
-
-    `sub/up` -> `..` is the release root and `esc` -> `sub/up/..` normalises to `sub`,
-    but on disk `sub/up/..` is the root's parent. Links are resolved after the last
-    member because a later member can create the link an earlier target passes through.
-    """
-    root = os.path.realpath(dest)
-    for name in links:
-        resolved = os.path.realpath(dest / name)
-        if resolved != root and not resolved.startswith(root + os.sep):
-            raise UnsafeArchive(f"{name}: symlink target {os.readlink(dest / name)[:80]!r} leaves the release folder")
+def _check_new(name: str, target: Path, member: tarfile.TarInfo) -> None:
+    """Found on disk, not in a list of names: only a folder may appear again, as a folder."""
+    if os.path.lexists(target) and not (member.isdir() and target.is_dir() and not target.is_symlink()):
+        raise UnsafeArchive(f"{name}: appears twice in the archive")
 
 
 def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:
@@ -218,7 +264,7 @@ def _check_version(dest: Path, version: str) -> None:
         raise UnsafeArchive(f"archive VERSION says {found!r}, the manifest says {version!r}")
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -50,7 +50,7 @@ class Worker:
     def apply(self, settings: RobotSettings) -> None:
         self.settings = settings
         self.installer.settings = settings
-        self.anchors = TrustAnchors(cosign_keys=settings.trusted_keys)
+        self.anchors = TrustAnchors(cosign_keys=settings.trusted_keys, gpg_keyring=settings.trusted_gpg_keyring)
         self._backoff.cap = settings.backoff_max
         old = getattr(self, "client", None)
         self.client = HttpClient(settings.gateway_url, TransferLimits(settings.connect_timeout, settings.read_timeout, settings.min_rate),

@@ -6,11 +6,16 @@ the user's own ~/.gnupg is never read or written.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 
 import gnupg
+
+# python-gnupg logs gpg's exit codes on its own, in its own words; every failure is
+# already raised here with gpg's reason, which the caller logs once.
+logging.getLogger("gnupg").setLevel(logging.CRITICAL)
 
 from otad.errors import BadSignature, KeyFileError, MalformedMetadata, UntrustedKey
 
@@ -68,6 +73,25 @@ def sign_detached(gpg_home: str, key_id: str, path: str | os.PathLike[str], pass
     return result.data
 
 
+def _import(gpg: gnupg.GPG, keyring: bytes) -> list[str]:
+    imported = gpg.import_keys(keyring)
+    if not imported.fingerprints:
+        raise KeyFileError("gpg keyring holds no public key")
+    if getattr(imported, "sec_read", 0):  # read, whether or not gpg (without an agent) stored it
+        raise KeyFileError("gpg keyring holds a secret key: give only public keys (gpg --export)")
+    return list(imported.fingerprints)
+
+
+def keyring_fingerprints(keyring: bytes) -> list[str]:
+    """The keys a keyring holds, imported into a throwaway home: a daemon checks its
+    TRUSTED_GPG_KEYRING at start-up, not at the first gpg-signed release."""
+    home = tempfile.mkdtemp(prefix="otad-gpg-")
+    try:
+        return _import(_gpg(home, autostart=False), keyring)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def verify_detached_bytes(keyring: bytes, signature: bytes, data: bytes) -> str:
     """verify_detached for bytes in memory (a manifest): they go to a throwaway file first."""
     folder = tempfile.mkdtemp(prefix="otad-gpg-data-")
@@ -87,9 +111,7 @@ def verify_detached(keyring: bytes, signature: bytes, path: str | os.PathLike[st
     home = tempfile.mkdtemp(prefix="otad-gpg-")
     try:
         gpg = _gpg(home, autostart=False)
-        imported = gpg.import_keys(keyring)
-        if not imported.fingerprints:
-            raise KeyFileError("gpg keyring holds no public key")
+        _import(gpg, keyring)
         sig_path = os.path.join(home, "artifact.sig")
         with open(sig_path, "wb") as out:
             out.write(signature)
