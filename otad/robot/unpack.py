@@ -197,7 +197,7 @@ class _ReadProgress:
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
         self._read += len(data)
-        if self._progress is not None:
+        if data and self._progress is not None:  # gzip reads past the end too: that is no progress
             self._progress(self._read)
         return data
 
