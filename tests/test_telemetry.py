@@ -78,13 +78,16 @@ def test_wan_outage_buffers_then_flushes_exactly_once_in_order(tele):
 
 
 class FlakyDashboard:
-    """An HTTP stand-in in front of the real dashboard: answers 500 or hangs while told to."""
+    """An HTTP stand-in in front of the real dashboard: answers 500, hangs, or holds requests at its gate while told to."""
 
     def __init__(self, upstream: str) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.mode = "500"
         self.failures = 0
+        self.gate = threading.Event()  # cleared: a request to pass waits at the door until it is set
+        self.gate.set()
+        self.at_gate = threading.Event()
         flaky = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -106,6 +109,9 @@ class FlakyDashboard:
                     threading.Event().wait(8)  # longer than the gateway's READ_TIMEOUT
                     self.close_connection = True
                     return
+                if not flaky.gate.is_set():
+                    flaky.at_gate.set()
+                    flaky.gate.wait(120)
                 response = requests.post(upstream + self.path, data=body, timeout=10, headers={
                     k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type", "content-encoding")})
                 self.send_response(response.status_code)
