@@ -406,6 +406,28 @@ def test_spool_bound_drops_oldest_metrics_never_events(tmp_path, caplog):
     assert sum(int(m.split("dropped the ")[1].split()[0]) for m in drops) == spool.dropped
 
 
+def test_the_spool_bound_never_drops_a_batch_being_sent(tmp_path):
+    """Issue 13 item 7, counted exactly. Driven through the real module (the process would
+    need an hour of samples to fill 1 MiB). Before: the bound dropped the oldest rows while
+    the sender had them in a POST, so the gateway got them and the drop report counted them too."""
+    spool = Spool(tmp_path / "spool.db", 1024 * 1024)
+    metric = {"robot_id": ROBOT, "boot_id": BOOT_ID, "ts": "2026-05-09T10:00:00.000Z", "type": "metric",
+              "cpu": 12.5, "mem": 40.0, "version": "1.2.3", "health": "ok"}
+    for _ in range(50):
+        spool.add(metric)
+    in_flight = [row_id for row_id, _ in spool.batch(50, 1 << 20)]
+    made = 50
+    while spool.dropped == 0:
+        spool.add(metric)
+        made += 1
+    rows = spool.batch(100_000, 1 << 30)
+    spool.close()
+    left = {row_id for row_id, _ in rows}
+    assert set(in_flight) <= left, "rows of the batch being sent were dropped"
+    metrics_left = sum(1 for _, body in rows if json.loads(body)["type"] == "metric")
+    assert metrics_left + spool.dropped == made
+
+
 def test_401_is_logged_once_then_a_fixed_token_file_is_picked_up(tmp_path, gateway, agents):
     token_file = tmp_path / "agent.token"
     token_file.write_text("wrong-token-0123456789abcdef\n")

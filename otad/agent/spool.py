@@ -15,8 +15,9 @@
   content is the key, not the outbox seq, because Outbox.add reuses seq 1
   once the outbox is empty.
 - Bound: past `max_bytes` of pages in use, the oldest metric rows are dropped
-  (never events) down to 90% of the bound; in the same transaction a `dropped`
-  record saying how many is spooled, so the dashboard counts the loss exactly.
+  (never events, never rows of a batch being sent: the gateway may hold them
+  already) down to 90% of the bound; in the same transaction a `dropped` record
+  saying how many is spooled, so the dashboard counts the loss exactly.
   A record the gateway refuses for good is reported the same way.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from otad.agent.collect import rfc3339
 from otad.errors import OtadError
 from otad.fsutil import fsync_dir
 from otad.robot.outbox import Outbox
-from otad.telemetry.records import RecordError, encode, validate_record
+from otad.telemetry.records import MAX_RECORDS, RecordError, encode, validate_record
 
 log = logging.getLogger("otad.agent")
 
@@ -97,6 +98,11 @@ class Spool:
         except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
             self._db = self._recreate(str(exc))
         self.pending = self._db.execute("SELECT count(*) FROM records").fetchone()[0]
+        # Rows up to here may be at the gateway without our having seen its 200: the bound
+        # keeps them (it would count delivered rows as dropped). The last process may have
+        # sent any of the oldest MAX_RECORDS (the largest batch) before it stopped.
+        oldest = self._db.execute("SELECT id FROM records ORDER BY id LIMIT ?", (MAX_RECORDS,)).fetchall()
+        self.offered_up_to = oldest[-1][0] if oldest else 0
         self.dropped = 0  # metrics the bound dropped, since start
         self.refused = 0  # records the gateway refused for good, since start
         self._over_with_events = False
@@ -239,12 +245,14 @@ class Spool:
         """The oldest rows, at most `limit`, whose `{"records": [...]}` body fits in `max_body`."""
         with self._lock:
             rows = self._db.execute("SELECT id, body FROM records ORDER BY id LIMIT ?", (limit,)).fetchall()
-        taken, size = [], len('{"records":[]}')
-        for row_id, body in rows:
-            size += len(body.encode()) + 1
-            if taken and size > max_body:
-                break
-            taken.append((row_id, body))
+            taken, size = [], len('{"records":[]}')
+            for row_id, body in rows:
+                size += len(body.encode()) + 1
+                if taken and size > max_body:
+                    break
+                taken.append((row_id, body))
+            if taken:  # on their way to the gateway: the bound keeps them until acknowledged
+                self.offered_up_to = max(self.offered_up_to, taken[-1][0])
         return taken
 
     def delete(self, ids: list[int]) -> None:
@@ -288,17 +296,19 @@ class Spool:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             while used > target:
-                metrics = self._db.execute("SELECT count(*) FROM records WHERE kind = 'metric'").fetchone()[0]
+                metrics = self._db.execute("SELECT count(*) FROM records WHERE kind = 'metric' AND id > ?",
+                                           (self.offered_up_to,)).fetchone()[0]
                 if metrics == 0:
                     if not self._over_with_events:
-                        log.warning("spool holds %d bytes, over its bound, in events alone; events are never dropped", used)
+                        log.warning("spool holds %d bytes, over its bound, in events and records being sent alone; "
+                                    "those are never dropped", used)
                     self._over_with_events = True
                     break
                 per_row = used / max(1, self.pending - dropped)
                 count = min(metrics, max(1, math.ceil((used - target) / per_row)))
                 self._db.execute(
-                    "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE kind = 'metric' ORDER BY id LIMIT ?)",
-                    (count,),
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE kind = 'metric' AND id > ?"
+                    " ORDER BY id LIMIT ?)", (self.offered_up_to, count),
                 )
                 # No vacuum here: the freed pages take the next records, so the file stays at
                 # the bound instead of churning through the WAL (which is disk too).
