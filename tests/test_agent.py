@@ -194,6 +194,9 @@ def spool_check(path: Path) -> tuple[str, int]:
     db = sqlite3.connect(path, timeout=10)
     try:
         result = db.execute("PRAGMA integrity_check").fetchone()[0]
+        # A kill before the agent created its tables leaves an empty database: nothing handed out.
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
+            return result, 0
         issued = db.execute("SELECT sum(issued) FROM counters").fetchone()[0] or 0
         return result, issued
     finally:
