@@ -81,7 +81,8 @@ def test_a_spool_lost_within_the_boot_never_reuses_a_seq(tele, loss):
 
 def test_a_seq_going_backwards_is_refused_logged_counted_and_shown(tele, tmp_path):
     """Issue 13 item 1 (also). Before: the gateway acknowledged such records as duplicates
-    and dropped them without a word."""
+    and dropped them without a word. Not counted as lost on the dashboard: a late resend
+    looks the same (docs/formats.md)."""
     notify = NotifySocket(tmp_path / "notify.sock")
     try:
         gw = tele.gateway(env={"NOTIFY_SOCKET": notify.path}, TOKEN_FILE=tele.tokens["gateway_own"],
@@ -98,12 +99,8 @@ def test_a_seq_going_backwards_is_refused_logged_counted_and_shown(tele, tmp_pat
         wait_until(lambda: any("3 refused (seq went backwards)" in m for m in notify.drain()), 15, "STATUS= counting them")
     finally:
         notify.close()
-    wait_until(lambda: robot_status(tele, "r1").get("dropped_gateway") == 3, 15, "the loss on the dashboard, for r1")
-    assert held_metrics(tele, "r1") == [1, 2, 3, 4, 5, 6]
-    doc = status(tele)
-    assert doc["gateways"][0]["dropped"] == 3 and doc["totals"]["dropped"] == {"agent": 0, "gateway": 3}
-    page = requests.get(f"{tele.dashboard.url}/status", timeout=5).text
-    assert "3 records dropped (seq went backwards): r1 3" in page
+    wait_until(lambda: len(held_metrics(tele, "r1")) == 6, 15, "the six stored metrics at the dashboard")
+    assert held_metrics(tele, "r1") == [1, 2, 3, 4, 5, 6]  # the refused ones did not overwrite anything
 
 
 def test_the_bound_hit_during_a_flush_counts_made_as_held_plus_dropped(tele):

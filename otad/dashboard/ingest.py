@@ -105,6 +105,6 @@ def _gap(record: dict, where: str) -> dict:
                        and v > 0 for k, v in robots.items())
             or (robots and sum(robots.values()) != fields["dropped"])):
         raise IngestError(f"{where}: gap 'robots' must map robot ids to counts that add up to 'dropped'")
-    if reason not in ("buffer_full", "seq_backwards"):
-        raise IngestError(f"{where}: gap 'reason' must be buffer_full or seq_backwards")
+    if reason != "buffer_full":
+        raise IngestError(f"{where}: gap 'reason' must be buffer_full")
     return {"type": "gap", "ts": ts, **fields, "robots": robots, "reason": reason}

@@ -272,8 +272,7 @@ def _loss_detail(event: dict) -> str:
     if event["type"] != "gap":
         return ""
     whose = ", ".join(f"{robot} {n}" for robot, n in sorted(event.get("robots", {}).items()))
-    why = "seq went backwards" if event.get("reason") == "seq_backwards" else "the gateway buffer was full"
-    return f"{event['dropped']} records dropped ({why})" + (f": {whose}" if whose else "")
+    return f"{event['dropped']} metrics dropped by the full gateway buffer" + (f": {whose}" if whose else "")
 
 
 def _event_rows(doc: dict) -> str:

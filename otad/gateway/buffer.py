@@ -12,9 +12,10 @@ dashboard can key its idempotency on (gateway, id).
 A record at or below that high-water mark is a retry only if it is not older
 than the first record of the robot's last request that stored anything (an
 agent resends its oldest unacknowledged rows, never older ones). Anything
-older means the robot's seq went backwards (an agent of before 0.x whose spool
-was lost, or two robots under one id): the records are refused, logged,
-counted (`refused`, in STATUS=) and reported to the dashboard in a gap row.
+older means the robot's seq went backwards (an agent of before this format
+whose spool was lost, two robots under one id, or a resend processed after
+newer records): the records are refused, logged and counted (`refused`, in
+STATUS=). They are not reported as lost: in the last case they are not.
 
 The buffer is bounded: when the database's used pages exceed the budget, the
 oldest *metric* rows are dropped (never events) and a gap row records how
@@ -239,14 +240,12 @@ class TelemetryBuffer:
             job.accepted += 1
             added += 1
         for (robot, boot), seqs in backwards.items():
+            # Not reported as a loss: a resend that arrives after newer records (a request the
+            # agent gave up on, processed late) looks the same, and its records are delivered.
             log.error("telemetry: robot %s boot %s sent seq %d, below its last seq %d: refused %d records "
-                      "(its spool was reset by an agent that reuses seq numbers, or two robots share the id)",
-                      robot, boot, seqs[0][0], seqs[0][1], len(seqs))
+                      "(an agent that lost its spool and reuses seq numbers, two robots with one id, "
+                      "or a late resend)", robot, boot, seqs[0][0], seqs[0][1], len(seqs))
             job.refused += len(seqs)
-        if backwards:
-            self._insert_gap(db, now, {"reason": "seq_backwards", "first_id": 0, "last_id": 0},
-                             {robot: len(seqs) for (robot, _), seqs in backwards.items()})
-            added += 1
         return added
 
     @staticmethod

@@ -5,9 +5,8 @@ A record is a JSON object. Common identity: `robot_id`, `boot_id`, `seq`
 clock), `type`. A metric adds `cpu`, `mem` (percent), `version`, `health`
 (ok | degraded | failed); an event adds `event`, `version`, `detail`; a
 `dropped` record (made by an agent whose spool hit its bound) adds `dropped`,
-the number of metrics it deleted unsent. A gap (made by a gateway that lost
-records: its buffer overflowed, or a robot's seq went backwards) is not a robot
-record; the dashboard validates it (otad/dashboard/ingest.py). See docs/formats.md.
+the number of records it deleted unsent. A gap (made by a gateway whose
+buffer overflowed) is not a robot record; the dashboard validates it (otad/dashboard/ingest.py). See docs/formats.md.
 """
 from __future__ import annotations
 
