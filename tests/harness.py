@@ -87,6 +87,19 @@ class Daemon:
 
         return wait_until(found, timeout, f"{self.command} to log {pattern!r}")
 
+    def wait_for_count(self, text: str, count: int = 1, timeout: float = 20) -> str:
+        """The log since start() once `text` is in it `count` times or more.
+
+        A daemon logs an event after it happens, so a line read right after some other
+        sign of the event (a drained spool, a served release) may not be written yet:
+        wait for it, then assert on the exact count.
+        """
+        def counted():
+            log = self.new_log()
+            return log if log.count(text) >= count else ""
+
+        return wait_until(counted, timeout, f"{self.command} to log {text!r} {count} time(s)")
+
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -18,11 +18,12 @@ converge. Invariants (exit 1 if any fails):
 - the dashboard holds every record a gateway acknowledged, exactly once, in
   seq order per robot, and gap records account for every metric dropped.
 
-The telemetry oracle: the agent assigns seq 1, 2, 3... per robot and boot in
-the same transaction as the spool insert (spool.counters), and deletes a row
-only after the gateway's 200. So after the run, with the agents stopped, every
-seq up to the counter that is no longer in the spool was acknowledged by a
-gateway, and must be at the dashboard exactly once.
+The telemetry oracle: the agent counts every seq it hands out per robot and
+boot in the same transaction as the spool insert (spool.counters.issued), and
+deletes a row only after the gateway's 200 (or the bound's drop, which it
+reports). So after the run, with the agents stopped, every record counted that
+is neither in the spool nor dropped by it was acknowledged by a gateway, and
+must be at the dashboard exactly once.
 """
 from __future__ import annotations
 
@@ -283,16 +284,17 @@ def telemetry_figures(topo: Topology) -> dict:
                "gap_records": len(gaps), "gap_dropped": gap_dropped}
     spool_dropped = 0
     for robot in topo.robot_names:
-        created = topo.agent_last_seq(robot)
+        created = topo.agent_issued(robot)
         pending = set(topo.agent_pending(robot))
         dropped = sum(int(n) for n in re.findall(r"dropped the (\d+) oldest metrics", topo.log(f"{robot}-agent")))
         spool_dropped += dropped
         seqs = held.get(robot, [])
-        acked = set(range(1, created + 1)) - pending
         delivered = set(seqs)
-        # A metric the spool dropped shows as a hole: acknowledged by nobody, so not "lost" here; counted below.
-        lost = len(acked - delivered) - dropped if dropped else len(acked - delivered)
-        row = {"sent": created, "acked": len(acked), "pending": len(pending), "delivered": len(delivered),
+        # seqs start above the boot clock, so count: what was made and neither waits in the
+        # spool nor was dropped by it (its `dropped` records say so) must be at the dashboard.
+        acked = created - len(pending) - dropped
+        lost = acked - len(delivered)
+        row = {"sent": created, "acked": acked, "pending": len(pending), "delivered": len(delivered),
                "lost": max(0, lost), "duplicated": len(seqs) - len(delivered), "reordered": int(seqs != sorted(seqs)),
                "spool dropped": dropped}
         figures["per_robot"][robot] = row

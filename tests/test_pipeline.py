@@ -1,6 +1,8 @@
 """Both pipelines end to end with every real daemon: releases reach robots, their telemetry reaches the dashboard."""
 from __future__ import annotations
 
+import sqlite3
+
 import requests
 
 from fleet import Site, dashboard_records, wait_for_version, write_tokens
@@ -28,9 +30,10 @@ def test_release_and_telemetry_pipelines_together(tmp_path, keypair):
         site.release("1.0.0")
         gw = site.gateway(TOKEN_FILE=tokens["gateway_own"], ROBOT_TOKENS_FILE=tokens["robots"]).start()
         wait_for_version(gw.url, "1.0.0")
+        agents = {}
         for name in ("r1", "r2"):
             site.robot(gw.url, name=name).start(wait_listening=False)
-            site.agent(gw.url, name=name).start(wait_listening=False)
+            agents[name] = site.agent(gw.url, name=name).start(wait_listening=False)
         wait_until(lambda: all((s := robot_status(site, n)) and s["version"] == "1.0.0" for n in ("r1", "r2")), 40,
                    "both robots reporting 1.0.0 at the dashboard")
         site.release("1.1.0", selftest="echo 'arm calibration failed' >&2; exit 2")
@@ -41,13 +44,20 @@ def test_release_and_telemetry_pipelines_together(tmp_path, keypair):
         gw.wait_for_log("telemetry: forwarding failed, buffering")
         before = {n: robot_status_offline(site, n) for n in ("r1", "r2")}
         site.dashboard.start()
-        wait_until(lambda: all((s := robot_status(site, n)) and s["last_seq"] > before[n] + 2 for n in ("r1", "r2")), 40,
+        wait_until(lambda: all(robot_status_offline(site, n) > before[n] + 2 for n in ("r1", "r2")), 40,
                    "fresh records after reconnecting")
+        for name in ("r1", "r2"):
+            assert agents[name].stop() == 0
+            # seqs start above the boot clock: count what the spool numbered and no longer holds.
+            with sqlite3.connect(site.root / f"{name}-agent-state" / "spool.db") as conn:
+                sent = conn.execute("SELECT sum(issued) FROM counters").fetchone()[0]
+                sent -= conn.execute("SELECT count(*) FROM records").fetchone()[0]
+            wait_until(lambda: len([r for r in dashboard_records(site.root / "dashboard-state" / "telemetry.db")
+                                    if r[0] == name]) >= sent, 20, f"all {sent} records of {name}")
         rows = dashboard_records(site.root / "dashboard-state" / "telemetry.db")
         for name in ("r1", "r2"):
             seqs = [r[2] for r in rows if r[0] == name]
             assert seqs == sorted(seqs) and len(seqs) == len(set(seqs)), f"{name}: duplicated or out of order"
-            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{name}: a record is missing"
         page = requests.get(f"{site.dashboard.url}/status", timeout=5).text
         assert "rolled_back" in page and "arm calibration failed" in page
     finally:
@@ -55,5 +65,6 @@ def test_release_and_telemetry_pipelines_together(tmp_path, keypair):
 
 
 def robot_status_offline(site, robot: str) -> int:
+    """How many records of the robot the dashboard holds (read from its database)."""
     rows = dashboard_records(site.root / "dashboard-state" / "telemetry.db")
-    return max((r[2] for r in rows if r[0] == robot), default=0)
+    return sum(1 for r in rows if r[0] == robot)

@@ -50,7 +50,7 @@ def assert_exactly_once_in_order(rows: list[tuple], expected: dict[str, int]) ->
 
 def test_records_flow_to_the_dashboard_and_status(tele):
     gw = start_gateway(tele)
-    assert post_records(gw.url, "r1", [metric("r1", 1), metric("r1", 2, cpu=55.0)]).json() == {"accepted": 2, "duplicates": 0}
+    assert post_records(gw.url, "r1", [metric("r1", 1), metric("r1", 2, cpu=55.0)]).json() == {"accepted": 2, "duplicates": 0, "refused": 0}
     assert post_records(gw.url, "r1", [event("r1", 3, "rolled_back")]).status_code == 200
     wait_until(lambda: len(held(tele)) == 3, 15, "3 records at the dashboard")
     status = requests.get(f"{tele.dashboard.url}/status.json", timeout=5).json()
@@ -60,8 +60,8 @@ def test_records_flow_to_the_dashboard_and_status(tele):
     assert status["events"][0]["event"] == "rolled_back"
     page = requests.get(f"{tele.dashboard.url}/status", timeout=5)
     assert page.status_code == 200 and "r1" in page.text and 'class="bad"' in page.text
-    # A retried record is acknowledged, not stored twice.
-    assert post_records(gw.url, "r1", [metric("r1", 2)]).json() == {"accepted": 0, "duplicates": 1}
+    # A retried request (its answer was lost) is acknowledged, not stored twice.
+    assert post_records(gw.url, "r1", [event("r1", 3, "rolled_back")]).json() == {"accepted": 0, "duplicates": 1, "refused": 0}
 
 
 def test_wan_outage_buffers_then_flushes_exactly_once_in_order(tele):
@@ -78,13 +78,16 @@ def test_wan_outage_buffers_then_flushes_exactly_once_in_order(tele):
 
 
 class FlakyDashboard:
-    """An HTTP stand-in in front of the real dashboard: answers 500 or hangs while told to."""
+    """An HTTP stand-in in front of the real dashboard: answers 500, hangs, or holds requests at its gate while told to."""
 
     def __init__(self, upstream: str) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.mode = "500"
         self.failures = 0
+        self.gate = threading.Event()  # cleared: a request to pass waits at the door until it is set
+        self.gate.set()
+        self.at_gate = threading.Event()
         flaky = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -106,6 +109,9 @@ class FlakyDashboard:
                     threading.Event().wait(8)  # longer than the gateway's READ_TIMEOUT
                     self.close_connection = True
                     return
+                if not flaky.gate.is_set():
+                    flaky.at_gate.set()
+                    flaky.gate.wait(120)
                 response = requests.post(upstream + self.path, data=body, timeout=10, headers={
                     k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type", "content-encoding")})
                 self.send_response(response.status_code)

@@ -341,8 +341,9 @@ class Topology:
     def gateway_backlog(self) -> int:
         return _count_rows(self.root / "gateway-state" / "telemetry.db", "SELECT count(*) FROM records")
 
-    def agent_last_seq(self, robot: str) -> int:
-        return _count_rows(self.root / f"{robot}-agent-state" / "spool.db", "SELECT coalesce(max(last_seq), 0) FROM counters")
+    def agent_issued(self, robot: str) -> int:
+        """How many seq numbers the robot's agent has handed out (seqs start above the boot clock, not at 1)."""
+        return _count_rows(self.root / f"{robot}-agent-state" / "spool.db", "SELECT coalesce(sum(issued), 0) FROM counters")
 
     def agent_pending(self, robot: str) -> list[int]:
         """seqs still in the agent's spool: not yet acknowledged by the gateway."""

@@ -107,6 +107,8 @@ class Sender:
 
     def status(self) -> str:
         text = f"sent {self.sent} records; {self.spool.pending} waiting"
+        if self.spool.dropped or self.spool.refused:
+            text += f"; dropped {self.spool.dropped} (spool full), {self.spool.refused} (refused)"
         if self.problem is not None and self.problem_since is not None:
             text += f" (gateway {self.problem} since {time.strftime('%H:%M', time.localtime(self.problem_since))})"
         return text
@@ -166,7 +168,7 @@ class Sender:
             self._single_until = rows[-1][0]
             return 0.0
         log.error("gateway refused a record (HTTP %d: %s); dropping it: %s", status, detail, rows[0][1][:300])
-        self.spool.delete([rows[0][0]])
+        self.spool.forget_refused(*rows[0])
         return 0.0
 
     def _failed(self, kind: str, message: str) -> float:

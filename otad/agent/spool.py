@@ -1,16 +1,24 @@
 """The agent's bounded durable spool: SQLite (WAL, synchronous=FULL), rows sent in id order.
 
 - `seq` is per (robot, boot): a counter row updated in the same transaction as
-  the insert, so a `kill -9` can neither reuse nor skip a number; a new boot
-  starts again at 1 (the gateway keys records by robot, boot and seq).
+  the insert, so a `kill -9` can neither reuse nor skip a number. It is never
+  below CLOCK_BOOTTIME in microseconds: that clock starts with the boot, never
+  steps back (unlike the wall clock) and is the same for every process and
+  container of the boot, so a spool that is new in the middle of a boot (deleted,
+  STATE_DIR changed, container recreated, a damaged spool set aside, an old copy
+  restored) still numbers above every seq an earlier spool handed out: each of
+  those took far longer than a microsecond. The gateway and the dashboard key
+  records by (robot_id, boot_id, seq) and need no other id.
 - Outbox events are drained idempotently: an event's stored record and a key
   (a hash of the event file's content) commit together, then the file is
   removed. A crash in between finds the key and only removes the file. The
   content is the key, not the outbox seq, because Outbox.add reuses seq 1
   once the outbox is empty.
 - Bound: past `max_bytes` of pages in use, the oldest metric rows are dropped
-  (never events) down to 90% of the bound; the dashboard sees the loss as a
-  hole in `seq`, and the agent logs how many it dropped.
+  (never events, never rows of a batch being sent: the gateway may hold them
+  already) down to 90% of the bound; in the same transaction a `dropped` record
+  saying how many is spooled, so the dashboard counts the loss exactly.
+  A record the gateway refuses for good is reported the same way.
 """
 from __future__ import annotations
 
@@ -28,18 +36,23 @@ from otad.agent.collect import rfc3339
 from otad.errors import OtadError
 from otad.fsutil import fsync_dir
 from otad.robot.outbox import Outbox
-from otad.telemetry.records import RecordError, encode, validate_record
+from otad.telemetry.records import MAX_RECORDS, RecordError, encode, validate_record
 
 log = logging.getLogger("otad.agent")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (robot_id TEXT NOT NULL, boot_id TEXT NOT NULL,
-    last_seq INTEGER NOT NULL, PRIMARY KEY (robot_id, boot_id));
+    last_seq INTEGER NOT NULL, issued INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (robot_id, boot_id));
 CREATE TABLE IF NOT EXISTS drained (key TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 TRIM_TO = 0.9  # trimming to below the bound, not just to it, keeps drop log lines rare
+
+
+def boot_clock_us() -> int:
+    """Microseconds since this boot: the floor of every seq (see the module docstring)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
 
 
 def checked(record: dict, what: str) -> dict | None:
@@ -85,11 +98,18 @@ class Spool:
         except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
             self._db = self._recreate(str(exc))
         self.pending = self._db.execute("SELECT count(*) FROM records").fetchone()[0]
-        self.dropped = 0
+        # Rows up to here may be at the gateway without our having seen its 200: the bound
+        # keeps them (it would count delivered rows as dropped). The last process may have
+        # sent any of the oldest MAX_RECORDS (the largest batch) before it stopped.
+        oldest = self._db.execute("SELECT id FROM records ORDER BY id LIMIT ?", (MAX_RECORDS,)).fetchall()
+        self.offered_up_to = oldest[-1][0] if oldest else 0
+        self.dropped = 0  # metrics the bound dropped, since start
+        self.refused = 0  # records the gateway refused for good, since start
         self._over_with_events = False
+        self._identity: tuple[str, str] | None = None  # (robot_id, boot_id) of the last record spooled
 
     # -- opening ----------------------------------------------------------------
-    def _open(self, fresh: bool, seq_floor: int = 0) -> sqlite3.Connection:
+    def _open(self, fresh: bool) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         try:
             # auto_vacuum only takes effect before the first table exists: freed pages
@@ -103,8 +123,8 @@ class Spool:
                 problems = [row[0] for row in db.execute("PRAGMA quick_check")]
                 if problems != ["ok"]:
                     raise sqlite3.DatabaseError("; ".join(problems[:3]))
-            if seq_floor:
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('seq_floor', ?)", (seq_floor,))
+            if "issued" not in [row[1] for row in db.execute("PRAGMA table_info(counters)")]:
+                db.execute("ALTER TABLE counters ADD COLUMN issued INTEGER NOT NULL DEFAULT 0")  # a spool of 0.x
             self._limit_wal(db, self.max_bytes)
         except BaseException:
             db.close()
@@ -119,10 +139,10 @@ class Spool:
             except FileNotFoundError:
                 pass
         log.error("spool %s is damaged (%s): moved it to %s and started an empty one", self.path, reason, aside)
-        # The lost counter may have handed out seq numbers in this boot already; numbers
-        # from the clock (ms) are far above any count since boot, so none is reused.
+        # The lost counter may have handed out seq numbers in this boot already: the boot
+        # clock floor in _next_seq keeps the new ones above them.
         try:
-            return self._open(fresh=True, seq_floor=int(time.time() * 1000))
+            return self._open(fresh=True)
         except sqlite3.DatabaseError as exc:
             raise OtadError(f"{self.path}: cannot create the spool: {exc}") from None
 
@@ -151,17 +171,16 @@ class Spool:
         if row is None:
             # A new boot: the old boots' counters are never needed again.
             self._db.execute("DELETE FROM counters WHERE robot_id = ?", (robot_id,))
-            floor = self._db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
-            seq = (floor[0] if floor else 0) + 1
-            self._db.execute("INSERT INTO counters VALUES (?, ?, ?)", (robot_id, boot_id, seq))
-        else:
-            seq = row[0] + 1
-            self._db.execute(
-                "UPDATE counters SET last_seq = ? WHERE robot_id = ? AND boot_id = ?", (seq, robot_id, boot_id)
-            )
+            self._db.execute("INSERT INTO counters VALUES (?, ?, 0, 0)", (robot_id, boot_id))
+        seq = max((row[0] if row else 0) + 1, boot_clock_us())
+        self._db.execute(
+            "UPDATE counters SET last_seq = ?, issued = issued + 1 WHERE robot_id = ? AND boot_id = ?",
+            (seq, robot_id, boot_id),
+        )
         return seq
 
     def _insert(self, record: dict) -> int:
+        self._identity = (record["robot_id"], record["boot_id"])
         seq = self._next_seq(record["robot_id"], record["boot_id"])
         self._db.execute("INSERT INTO records (kind, body) VALUES (?, ?)", (record["type"], encode({**record, "seq": seq})))
         return seq
@@ -226,12 +245,14 @@ class Spool:
         """The oldest rows, at most `limit`, whose `{"records": [...]}` body fits in `max_body`."""
         with self._lock:
             rows = self._db.execute("SELECT id, body FROM records ORDER BY id LIMIT ?", (limit,)).fetchall()
-        taken, size = [], len('{"records":[]}')
-        for row_id, body in rows:
-            size += len(body.encode()) + 1
-            if taken and size > max_body:
-                break
-            taken.append((row_id, body))
+            taken, size = [], len('{"records":[]}')
+            for row_id, body in rows:
+                size += len(body.encode()) + 1
+                if taken and size > max_body:
+                    break
+                taken.append((row_id, body))
+            if taken:  # on their way to the gateway: the bound keeps them until acknowledged
+                self.offered_up_to = max(self.offered_up_to, taken[-1][0])
         return taken
 
     def delete(self, ids: list[int]) -> None:
@@ -270,27 +291,72 @@ class Spool:
             self._over_with_events = False
             return
         target, dropped = int(self.max_bytes * TRIM_TO), 0
-        while used > target:
-            metrics = self._db.execute("SELECT count(*) FROM records WHERE kind = 'metric'").fetchone()[0]
-            if metrics == 0:
-                if not self._over_with_events:
-                    log.warning("spool holds %d bytes, over its bound, in events alone; events are never dropped", used)
-                self._over_with_events = True
-                break
-            per_row = used / max(1, self.pending)
-            count = min(metrics, max(1, math.ceil((used - target) / per_row)))
-            self._db.execute(
-                "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE kind = 'metric' ORDER BY id LIMIT ?)",
-                (count,),
-            )
-            # No vacuum here: the freed pages take the next records, so the file stays at
-            # the bound instead of churning through the WAL (which is disk too).
-            self.pending -= count
-            dropped += count
-            used = self.used_bytes()
+        # The rows go and the record that counts them comes in one transaction: a crash
+        # between the two would lose metrics without a trace.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            while used > target:
+                metrics = self._db.execute("SELECT count(*) FROM records WHERE kind = 'metric' AND id > ?",
+                                           (self.offered_up_to,)).fetchone()[0]
+                if metrics == 0:
+                    if not self._over_with_events:
+                        log.warning("spool holds %d bytes, over its bound, in events and records being sent alone; "
+                                    "those are never dropped", used)
+                    self._over_with_events = True
+                    break
+                per_row = used / max(1, self.pending - dropped)
+                count = min(metrics, max(1, math.ceil((used - target) / per_row)))
+                self._db.execute(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE kind = 'metric' AND id > ?"
+                    " ORDER BY id LIMIT ?)", (self.offered_up_to, count),
+                )
+                # No vacuum here: the freed pages take the next records, so the file stays at
+                # the bound instead of churning through the WAL (which is disk too).
+                dropped += count
+                used = self.used_bytes()
+            reported = self._insert_dropped(dropped) if dropped else False
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         if dropped:
+            self.pending += reported - dropped
             self.dropped += dropped
             log.warning(
                 "spool reached its bound of %d bytes: dropped the %d oldest metrics (%d records waiting)",
                 self.max_bytes, dropped, self.pending,
             )
+
+    def _insert_dropped(self, count: int, fallback: tuple[str, str] | None = None) -> bool:
+        """Spool a `dropped` record (inside the caller's transaction) under the newest identity."""
+        if self._identity is None:  # nothing spooled by this process yet: take the newest row's
+            row = self._db.execute("SELECT body FROM records ORDER BY id DESC LIMIT 1").fetchone()
+            body = json.loads(row[0]) if row else None
+            self._identity = (body["robot_id"], body["boot_id"]) if body else fallback
+        if self._identity is None:
+            log.error("dropped %d records but know no robot id to report it under", count)
+            return False
+        robot_id, boot_id = self._identity
+        self._insert({"robot_id": robot_id, "boot_id": boot_id, "ts": rfc3339(time.time()), "type": "dropped",
+                      "dropped": count})
+        return True
+
+    def forget_refused(self, row_id: int, body: str) -> None:
+        """Delete a row the gateway refuses for good, and spool a `dropped` record in its place.
+
+        The loss of a `dropped` record itself is only logged: a gateway too old to know
+        the type would refuse every report of it, one after the other, forever.
+        """
+        record = json.loads(body)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._db.execute("DELETE FROM records WHERE id = ?", (row_id,)).rowcount
+                reported = bool(gone) and record.get("type") != "dropped" and self._insert_dropped(
+                    1, (record["robot_id"], record["boot_id"]))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.pending += reported - gone
+            self.refused += gone

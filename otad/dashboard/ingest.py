@@ -107,4 +107,13 @@ def _gap(record: dict, where: str) -> dict:
     ts = record.get("ts")
     if not isinstance(ts, str) or not _TS.fullmatch(ts):
         raise IngestError(f"{where}: gap 'ts' is invalid")
-    return {"type": "gap", "ts": ts, **fields}
+    # Which robots lost the records, and why (gateways of before 0.x send neither).
+    robots, reason = record.get("robots", {}), record.get("reason", "buffer_full")
+    if (not isinstance(robots, dict) or len(robots) > MAX_RECORDS
+            or not all(isinstance(k, str) and _ID.fullmatch(k) and isinstance(v, int) and not isinstance(v, bool)
+                       and v > 0 for k, v in robots.items())
+            or (robots and sum(robots.values()) != fields["dropped"])):
+        raise IngestError(f"{where}: gap 'robots' must map robot ids to counts that add up to 'dropped'")
+    if reason != "buffer_full":
+        raise IngestError(f"{where}: gap 'reason' must be buffer_full")
+    return {"type": "gap", "ts": ts, **fields, "robots": robots, "reason": reason}

@@ -111,7 +111,10 @@ def _totals(robots: list[dict], gateways: list[dict], events: list[dict]) -> dic
     for gateway in gateways:
         wan[gateway["wan"]] = wan.get(gateway["wan"], 0) + 1
     return {"robots": len(robots), "states": states, "gateways": len(gateways), "wan": wan,
-            "backlog": sum(g["backlog"] for g in gateways), "events": kinds}
+            "backlog": sum(g["backlog"] for g in gateways), "events": kinds,
+            # Records lost, by where: robots' spools (reported by the agents) and gateway buffers.
+            "dropped": {"agent": sum(r.get("dropped_agent", 0) for r in robots),
+                        "gateway": sum(g.get("dropped", 0) for g in gateways)}}
 
 
 def _version_order(versions: dict[str, int]) -> list[str]:
@@ -165,7 +168,7 @@ def _robot_row(robot: dict, colors: dict[str, str], span: str) -> str:
     mem = sparkline(robot["mem_series"], f"memory of {robot['robot_id']}, last {span}", color="#cc79a7")
     return (
         f'<tr class="robot state-{escape(state)}">'
-        + _td("robot", escape(robot["robot_id"]), "id")
+        + _td("robot", escape(robot["robot_id"]) + _lost(robot), "id")
         + _td("version", f'<span class="chip" style="--c:{colors.get(version, "#999")}">{escape(version)}</span>', "version")
         + _td("health", f'<span class="badge {escape(state)}">{escape(state)}</span>', "health")
         + _td("CPU", f'{cpu}<span class="now">{_percent(robot["cpu"])}</span>', "cpu")
@@ -175,6 +178,14 @@ def _robot_row(robot: dict, colors: dict[str, str], span: str) -> str:
     )
 
 
+def _lost(robot: dict) -> str:
+    agent, gateway = robot.get("dropped_agent", 0), robot.get("dropped_gateway", 0)
+    if not agent and not gateway:
+        return ""
+    return (f' <small class="lost" title="records lost: {agent:,} in its spool, {gateway:,} at gateways">'
+            f'{agent + gateway:,} lost</small>')
+
+
 def _gateway_card(gateway: dict, robots: list[dict], colors: dict[str, str], span: str) -> str:
     rows = "".join(_robot_row(r, colors, span) for r in robots) or '<tr><td colspan="6">no robot has reported yet</td></tr>'
     wan = gateway["wan"]
@@ -182,7 +193,8 @@ def _gateway_card(gateway: dict, robots: list[dict], colors: dict[str, str], spa
         f'<article class="card gateway"><header><h3>{escape(gateway["gateway_id"])}</h3>'
         f'<span class="badge wan-{escape(wan)}">WAN {escape(wan)}</span></header>'
         f'<p class="facts"><span><b class="backlog">{gateway["backlog"]:,}</b> records waiting at the gateway</span>'
-        f'<span><b>{gateway["dropped"]:,}</b> metrics dropped</span>'
+        f'<span><b>{gateway["dropped"]:,}</b> records dropped here</span>'
+        f'<span><b>{gateway.get("dropped_agent", 0):,}</b> dropped by its robots\' spools</span>'
         + (f'<span><b class="bad">{gateway["quarantined"]:,}</b> records quarantined at the gateway</span>'
            if gateway.get("quarantined") else "") +
         f'<span>last contact <b class="contact">{escape(_age(gateway["age_s"]))}</b></span>'
@@ -256,12 +268,21 @@ def _timeline(doc: dict) -> str:
             f'<p class="marks-legend">{legend}</p>')
 
 
+def _loss_detail(event: dict) -> str:
+    if event["type"] == "dropped":
+        return f"{event['dropped']} metrics dropped by the robot's full spool"
+    if event["type"] != "gap":
+        return ""
+    whose = ", ".join(f"{robot} {n}" for robot, n in sorted(event.get("robots", {}).items()))
+    return f"{event['dropped']} metrics dropped by the full gateway buffer" + (f": {whose}" if whose else "")
+
+
 def _event_rows(doc: dict) -> str:
     rows = []
     for event in doc["events"]:
         kind = event.get("event", event["type"])
-        detail = event.get("detail") or (f"{event['dropped']} metrics dropped by the gateway buffer" if event["type"] == "gap" else "")
-        bad = kind in BAD_EVENTS or event["type"] == "gap"
+        detail = event.get("detail") or _loss_detail(event)
+        bad = kind in BAD_EVENTS or event["type"] in ("gap", "dropped")
         rows.append(
             ('<tr class="bad">' if bad else "<tr>")
             + _td("time", escape(_when(str(event["ts"]))), "time")

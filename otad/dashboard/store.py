@@ -10,6 +10,12 @@ with a *different* record refuses the batch (409): a restored or cloned buffer
 (`buffer_reused`, the gateway takes a new buffer_id) or a reused robot seq
 (`record_differs`, the gateway quarantines that row). Nothing is acknowledged
 that is not held.
+
+Losses are counted where they are reported, once each (a record is stored
+once): a gateway's gap row adds its per-robot counts to `drops` (place
+'gateway') and to the gateway's `dropped`; an agent's `dropped` record adds
+to `drops` (place 'agent'). Each row names the robot and the gateway that
+relayed the report.
 """
 from __future__ import annotations
 
@@ -50,6 +56,13 @@ CREATE TABLE IF NOT EXISTS gateways (
     backlog INTEGER NOT NULL,
     dropped INTEGER NOT NULL DEFAULT 0,
     quarantined INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS drops (
+    robot_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    place TEXT NOT NULL,
+    dropped INTEGER NOT NULL,
+    PRIMARY KEY (robot_id, gateway_id, place)
 );
 CREATE TABLE IF NOT EXISTS robots (
     robot_id TEXT PRIMARY KEY,
@@ -140,6 +153,7 @@ class SqliteTelemetryStore:
                     dropped += record["dropped"]
                 else:
                     self._update_robot(db, gateway_id, record, now)
+                self._count_drops(db, gateway_id, record)
             db.execute(
                 "INSERT INTO gateways (gateway_id, last_seen, backlog, dropped, quarantined) VALUES (?,?,?,?,?)"
                 " ON CONFLICT(gateway_id) DO UPDATE SET last_seen=excluded.last_seen, backlog=excluded.backlog,"
@@ -179,6 +193,20 @@ class SqliteTelemetryStore:
             "with a different record: the robot reused a seq; the gateway keeps this record in its quarantine table",
             409, conflict="record_differs", record_id=row_id)
 
+    @staticmethod
+    def _count_drops(db: sqlite3.Connection, gateway_id: str, record: dict) -> None:
+        if record["type"] == "gap":
+            losses = [(robot, "gateway", n) for robot, n in record.get("robots", {}).items()]
+        elif record["type"] == "dropped":
+            losses = [(record["robot_id"], "agent", record["dropped"])]
+        else:
+            return
+        db.executemany(
+            "INSERT INTO drops (robot_id, gateway_id, place, dropped) VALUES (?,?,?,?)"
+            " ON CONFLICT DO UPDATE SET dropped = drops.dropped + excluded.dropped",
+            [(robot, gateway_id, place, n) for robot, place, n in losses],
+        )
+
     def _update_robot(self, db: sqlite3.Connection, gateway_id: str, record: dict, now: float) -> None:
         """The robot's latest state moves only forward: by seq within a boot, by the robot's own ts across boots;
         a backlog that lands late counts its records but changes nothing else. last_seen is when the robot
@@ -208,6 +236,16 @@ class SqliteTelemetryStore:
         db = self._db()
         gateways = [dict(row) for row in db.execute("SELECT * FROM gateways ORDER BY gateway_id")]
         robots = [dict(row) for row in db.execute("SELECT * FROM robots ORDER BY gateway_id, robot_id")]
+        drops: dict[tuple[str, str], int] = {}  # (robot or gateway, place) -> count
+        for row in db.execute("SELECT robot_id, gateway_id, place, dropped FROM drops"):
+            drops[row["robot_id"], row["place"]] = drops.get((row["robot_id"], row["place"]), 0) + row["dropped"]
+            if row["place"] == "agent":
+                drops[row["gateway_id"], "relayed"] = drops.get((row["gateway_id"], "relayed"), 0) + row["dropped"]
+        for robot in robots:
+            robot["dropped_agent"] = drops.get((robot["robot_id"], "agent"), 0)
+            robot["dropped_gateway"] = drops.get((robot["robot_id"], "gateway"), 0)
+        for gateway in gateways:
+            gateway["dropped_agent"] = drops.get((gateway["gateway_id"], "relayed"), 0)
         recent = [
             {"robot_id": row["robot_id"], "gateway_id": row["gateway_id"], "ts": row["ts"], "received": row["received"],
              "type": row["type"], "body": row["body"]}

@@ -10,9 +10,20 @@ after the original was already forwarded and deleted. Ids use AUTOINCREMENT: nev
 database, so the dashboard can key its idempotency on (gateway, buffer_id, id); a database restored
 from a backup or snapshot, or cloned, does reuse them, and then takes a new buffer_id (forwarder.py).
 
+A record at or below that high-water mark is a retry only if it is not older
+than the first record of the robot's last request that stored anything (an
+agent resends its oldest unacknowledged rows, never older ones). Anything
+older means the robot's seq went backwards (an agent of before this format
+whose spool was lost, two robots under one id, or a resend processed after
+newer records): the records are refused, logged and counted (`refused`, in
+STATUS=). They are not reported as lost: in the last case they are not.
+
 The buffer is bounded: when the database's used pages exceed the budget, the
 oldest *metric* rows are dropped (never events) and a gap row records how
-many and which ids, so every loss is visible on the dashboard.
+many, which ids and which robots lost them, so every loss is visible on the
+dashboard. Rows the forwarder has read (`pending`) are never dropped: the
+dashboard may already hold them, and a gap that also counted them would
+report more loss than there was.
 """
 from __future__ import annotations
 
@@ -57,10 +68,12 @@ CREATE TABLE IF NOT EXISTS high_water (
     robot_id TEXT NOT NULL,
     boot_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
+    batch_from INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (robot_id, boot_id)
 );
 """
 DROP_CHUNK = 500
+MAX_OFFERED = 1000  # the largest FORWARD_BATCH: what a previous process may have sent unacknowledged
 
 
 @dataclass
@@ -72,6 +85,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     accepted: int = 0
     duplicates: int = 0
+    refused: int = 0  # seq went backwards
     error: BaseException | None = None
 
 
@@ -101,9 +115,17 @@ class TelemetryBuffer:
         self._wal_path = path.with_name(path.name + "-wal")
         self._db = connect(path, max_bytes)
         self._db.executescript(SCHEMA)
+        if "batch_from" not in [row[1] for row in self._db.execute("PRAGMA table_info(high_water)")]:
+            self._db.execute("ALTER TABLE high_water ADD COLUMN batch_from INTEGER NOT NULL DEFAULT 0")
         self._reader = connect(path, max_bytes)
         # Kept by the writer thread; read by STATUS= and the forwarder without a query.
         self.count = self._db.execute("SELECT count(*) FROM records").fetchone()[0]
+        self.refused = int(self._meta("refused") or 0)
+        # Rows up to here may be at the dashboard without an ack: the bound keeps them. The
+        # last process may have sent any of the oldest MAX_OFFERED before it stopped.
+        oldest = self._db.execute("SELECT id FROM records ORDER BY id LIMIT ?", (MAX_OFFERED,)).fetchall()
+        self.offered_up_to = oldest[-1][0] if oldest else 0
+        self._offer_lock = threading.Lock()  # a batch is read and offered between two drops, never during one
         # A random id per database: the dashboard keys idempotency on (gateway, buffer, row id),
         # so a gateway whose buffer was wiped (ids restarting at 1) is not mistaken for a replay.
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('buffer_id', lower(hex(randomblob(8))))")
@@ -132,9 +154,11 @@ class TelemetryBuffer:
         self._reader.close()
 
     # -- API used by request threads and the forwarder ---------------------------------
-    def append(self, records: list[dict], timeout: float = 30) -> tuple[int, int]:
-        """Store records durably; return (accepted, duplicates) once committed."""
-        return self._submit(_Job(records=records), timeout)
+    def append(self, records: list[dict], timeout: float = 30) -> tuple[int, int, int]:
+        """Store records durably; return (accepted, duplicates, refused) once committed."""
+        job = _Job(records=records)
+        self._submit(job, timeout)
+        return job.accepted, job.duplicates, job.refused
 
     def acknowledge(self, up_to: int, timeout: float = 30) -> None:
         """The dashboard holds every row with id <= up_to: delete them."""
@@ -179,8 +203,16 @@ class TelemetryBuffer:
         return job.accepted, job.duplicates
 
     def pending(self, limit: int) -> list[tuple[int, float, str]]:
-        """The oldest rows, in id order: (id, received, body)."""
-        return self._reader.execute("SELECT id, received, body FROM records ORDER BY id LIMIT ?", (limit,)).fetchall()
+        """The oldest rows, in id order: (id, received, body); the bound keeps them until acknowledged."""
+        with self._offer_lock:
+            rows = self._reader.execute("SELECT id, received, body FROM records ORDER BY id LIMIT ?", (limit,)).fetchall()
+            if rows:
+                self.offered_up_to = max(self.offered_up_to, rows[-1][0])
+        return rows
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
 
     def backlog(self) -> int:
         return self.count
@@ -206,48 +238,88 @@ class TelemetryBuffer:
     def _commit(self, jobs: list[_Job]) -> None:
         db = self._db
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        delta, quarantined, buffer_id = 0, 0, self.buffer_id
-        try:
-            inserted = False
-            for job in jobs:
-                for record in job.records or ():
-                    key = (record["robot_id"], record["boot_id"])
-                    row = db.execute("SELECT seq FROM high_water WHERE robot_id = ? AND boot_id = ?", key).fetchone()
-                    if row is not None and record["seq"] <= row[0]:
-                        job.duplicates += 1
-                        continue
-                    db.execute(
-                        "INSERT INTO records (robot_id, boot_id, seq, kind, received, body) VALUES (?,?,?,?,?,?)",
-                        (*key, record["seq"], record["type"], now, encode(record)),
-                    )
-                    db.execute("INSERT OR REPLACE INTO high_water (robot_id, boot_id, seq) VALUES (?,?,?)", (*key, record["seq"]))
-                    job.accepted += 1
-                    delta += 1
-                    inserted = True
-                if job.ack_up_to is not None:
-                    delta -= db.execute("DELETE FROM records WHERE id <= ?", (job.ack_up_to,)).rowcount
-                if job.quarantine is not None:
-                    moved = db.execute(
-                        "INSERT OR IGNORE INTO quarantine SELECT id, robot_id, boot_id, seq, kind, received, body, ?, ?"
-                        " FROM records WHERE id = ?", (job.quarantine[1], now, job.quarantine[0])).rowcount
-                    delta -= db.execute("DELETE FROM records WHERE id = ?", (job.quarantine[0],)).rowcount
-                    quarantined += moved
-                if job.new_buffer_id:
-                    db.execute("UPDATE meta SET value = lower(hex(randomblob(8))) WHERE key = 'buffer_id'")
-                    buffer_id = db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()[0]
-            if inserted:
-                delta += self._enforce_bound(db, now)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with self._offer_lock:  # held until COMMIT: pending() must not read rows a drop is deleting
+            db.execute("BEGIN IMMEDIATE")
+            delta, refused, quarantined, buffer_id = 0, 0, 0, self.buffer_id
+            try:
+                inserted = False
+                for job in jobs:
+                    stored = self._store(db, job, now)
+                    delta += stored
+                    inserted = inserted or stored > 0
+                    refused += job.refused
+                    if job.ack_up_to is not None:
+                        delta -= db.execute("DELETE FROM records WHERE id <= ?", (job.ack_up_to,)).rowcount
+                    if job.quarantine is not None:
+                        moved = db.execute(
+                            "INSERT OR IGNORE INTO quarantine SELECT id, robot_id, boot_id, seq, kind, received, body, ?, ?"
+                            " FROM records WHERE id = ?", (job.quarantine[1], now, job.quarantine[0])).rowcount
+                        delta -= db.execute("DELETE FROM records WHERE id = ?", (job.quarantine[0],)).rowcount
+                        quarantined += moved
+                    if job.new_buffer_id:
+                        db.execute("UPDATE meta SET value = lower(hex(randomblob(8))) WHERE key = 'buffer_id'")
+                        buffer_id = db.execute("SELECT value FROM meta WHERE key = 'buffer_id'").fetchone()[0]
+                if refused:
+                    self.refused += refused
+                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('refused', ?)", (str(self.refused),))
+                if inserted:
+                    delta += self._enforce_bound(db, now)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                if refused:
+                    self.refused -= refused
+                raise
         self.count += delta
         self.quarantined += quarantined
         self.buffer_id = buffer_id
-        if inserted:
+        if inserted or refused:
             self.new_records.set()
         self._truncate_wal()
+
+    def _store(self, db: sqlite3.Connection, job: _Job, now: float) -> int:
+        """Insert one request's new records; count its retries and refusals; return rows added."""
+        added, first_seq, backwards = 0, {}, {}
+        for record in job.records or ():
+            key = (record["robot_id"], record["boot_id"])
+            first_seq.setdefault(key, record["seq"])
+            row = db.execute("SELECT seq, batch_from FROM high_water WHERE robot_id = ? AND boot_id = ?", key).fetchone()
+            if row is not None and record["seq"] <= row[0]:
+                if record["seq"] >= row[1] or self._held(db, key, record):
+                    job.duplicates += 1  # a resend of the last request, whose answer was lost
+                else:
+                    backwards.setdefault(key, []).append((record["seq"], row[0]))
+                continue
+            db.execute(
+                "INSERT INTO records (robot_id, boot_id, seq, kind, received, body) VALUES (?,?,?,?,?,?)",
+                (*key, record["seq"], record["type"], now, encode(record)),
+            )
+            db.execute("INSERT OR REPLACE INTO high_water (robot_id, boot_id, seq, batch_from) VALUES (?,?,?,?)",
+                       (*key, record["seq"], first_seq[key]))
+            job.accepted += 1
+            added += 1
+        for (robot, boot), seqs in backwards.items():
+            # Not reported as a loss: a resend that arrives after newer records (a request the
+            # agent gave up on, processed late) looks the same, and its records are delivered.
+            log.error("telemetry: robot %s boot %s sent seq %d, below its last seq %d: refused %d records "
+                      "(an agent that lost its spool and reuses seq numbers, two robots with one id, "
+                      "or a late resend)", robot, boot, seqs[0][0], seqs[0][1], len(seqs))
+            job.refused += len(seqs)
+        return added
+
+    @staticmethod
+    def _held(db: sqlite3.Connection, key: tuple[str, str], record: dict) -> bool:
+        """The very same record is still buffered: an older resend, not a seq gone backwards."""
+        row = db.execute("SELECT body FROM records WHERE robot_id = ? AND boot_id = ? AND seq = ?",
+                         (*key, record["seq"])).fetchone()
+        return row is not None and row[0] == encode(record)
+
+    def _insert_gap(self, db: sqlite3.Connection, now: float, fields: dict, robots: dict[str, int]) -> None:
+        """A gap row: what was lost and whose. Its seq is its own id, so gap rows never collide."""
+        gap = {"type": "gap", "dropped": sum(robots.values()), "robots": robots, "ts": _rfc3339(now), **fields}
+        db.execute("INSERT INTO records (robot_id, boot_id, seq, kind, received, body) VALUES ('', 'gap', -1, 'gap', ?, ?)",
+                   (now, json.dumps(gap, sort_keys=True)))
+        db.execute("UPDATE records SET seq = id WHERE id = last_insert_rowid()")
 
     def _truncate_wal(self) -> None:
         """Automatic checkpoints never shrink the WAL file; over its allowance, truncate it."""
@@ -263,22 +335,23 @@ class TelemetryBuffer:
         return pages * db.execute("PRAGMA page_size").fetchone()[0]
 
     def _enforce_bound(self, db: sqlite3.Connection, now: float) -> int:
-        """Drop the oldest metrics until the buffer fits; return the change in row count."""
+        """Drop the oldest metrics not offered to the dashboard until the buffer fits; return the change in row count."""
         delta = 0
         while self.used_bytes(db) > self.max_bytes:
-            ids = [row[0] for row in db.execute(
-                "SELECT id FROM records WHERE kind = 'metric' ORDER BY id LIMIT ?", (DROP_CHUNK,))]
-            if not ids:
-                log.error("telemetry buffer over its bound with events only; keeping them")
+            rows = db.execute("SELECT id, robot_id FROM records WHERE kind = 'metric' AND id > ? ORDER BY id LIMIT ?",
+                              (self.offered_up_to, DROP_CHUNK)).fetchall()
+            if not rows:
+                log.error("telemetry buffer over its bound with events and rows in flight only; keeping them")
                 return delta
+            ids = [row[0] for row in rows]
+            robots: dict[str, int] = {}
+            for _, robot in rows:
+                robots[robot] = robots.get(robot, 0) + 1
             db.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(ids))})", ids)
-            gap = {"type": "gap", "dropped": len(ids), "first_id": ids[0], "last_id": ids[-1], "ts": _rfc3339(now)}
-            db.execute(
-                "INSERT INTO records (robot_id, boot_id, seq, kind, received, body) VALUES ('', 'gap', ?, 'gap', ?, ?)",
-                (ids[0], now, json.dumps(gap, sort_keys=True)),
-            )
+            self._insert_gap(db, now, {"reason": "buffer_full", "first_id": ids[0], "last_id": ids[-1]}, robots)
             delta += 1 - len(ids)
-            log.warning("telemetry buffer full: dropped %d metric records (ids %d-%d)", len(ids), ids[0], ids[-1])
+            log.warning("telemetry buffer full: dropped %d metric records (ids %d-%d) of %s", len(ids), ids[0], ids[-1],
+                        ", ".join(f"{robot} ({n})" for robot, n in sorted(robots.items())))
         return delta
 
 

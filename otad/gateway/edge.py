@@ -100,12 +100,12 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
                 self.send_error_json(403, f"token is for robot {robot}, record is for {foreign}")
                 return
             try:
-                accepted, duplicates = ingest.buffer.append(records)
+                accepted, duplicates, refused = ingest.buffer.append(records)
             except Exception as exc:
                 log.error("telemetry: cannot store records from %s: %s", robot, exc)
                 self.send_error_json(503, "telemetry store unavailable, retry later", [("Retry-After", "5")])
                 return
-            self.send_json(200, {"accepted": accepted, "duplicates": duplicates})
+            self.send_json(200, {"accepted": accepted, "duplicates": duplicates, "refused": refused})
 
         def _route(self) -> None:
             path = urlsplit(self.path).path

@@ -115,6 +115,8 @@ class Gateway(Daemon):
             text = f"telemetry: {self.buffer.backlog():,} pending"
             if self.buffer.quarantined:
                 text += f", {self.buffer.quarantined:,} quarantined"
+            if self.buffer.refused:
+                text += f", {self.buffer.refused:,} refused (seq went backwards)"
             if forwarder.down_since is not None:
                 text += ", WAN down since " + time.strftime("%H:%M", time.localtime(forwarder.down_since))
             parts.append(text)

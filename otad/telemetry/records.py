@@ -3,9 +3,10 @@
 A record is a JSON object. Common identity: `robot_id`, `boot_id`, `seq`
 (strictly increasing per robot and boot), `ts` (RFC 3339 UTC, the robot's
 clock), `type`. A metric adds `cpu`, `mem` (percent), `version`, `health`
-(ok | degraded | failed); an event adds `event`, `version`, `detail`. A gap
-(made by a gateway whose buffer overflowed) adds `dropped`, `first_id`,
-`last_id`. See docs/formats.md.
+(ok | degraded | failed); an event adds `event`, `version`, `detail`; a
+`dropped` record (made by an agent whose spool hit its bound) adds `dropped`,
+the number of records it deleted unsent. A gap (made by a gateway whose
+buffer overflowed) is not a robot record; the dashboard validates it (otad/dashboard/ingest.py). See docs/formats.md.
 """
 from __future__ import annotations
 
@@ -91,6 +92,11 @@ def validate_record(doc: object, where: str = "record") -> dict:
         if len(detail) > 2000:
             raise RecordError(f"{where}: field 'detail' is longer than 2000 characters")
         clean["detail"] = detail
+    elif kind == "dropped":
+        dropped = _require(doc, "dropped", int, where)
+        if not 0 < dropped < MAX_SEQ:
+            raise RecordError(f"{where}: field 'dropped' must be a positive whole number")
+        clean["dropped"] = dropped
     else:
         raise RecordError(f"{where}: unknown type {kind[:40]!r}")
     return clean
