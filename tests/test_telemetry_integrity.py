@@ -59,7 +59,7 @@ def test_a_restored_gateway_buffer_loses_nothing(tele):
     for path in backup.iterdir():
         shutil.copy2(path, gateway_db(tele).parent / path.name)
     gw.start()
-    assert post_records(gw.url, "r2", [metric("r2", s) for s in range(1, 6)]).json() == {"accepted": 5, "duplicates": 0}
+    assert post_records(gw.url, "r2", [metric("r2", s) for s in range(1, 6)]).json() == {"accepted": 5, "duplicates": 0, "refused": 0}
     wait_until(lambda: sum(1 for r in held(tele) if r[0] == "r2") == 5, 20, "r2's 5 new records stored, not just acknowledged")
     gw.wait_for_log(r"telemetry: .*buffer.*reused.*new buffer_id")
     assert sorted(r[2] for r in held(tele) if r[0] == "r1") == [1, 2, 3, 4, 5]
