@@ -630,7 +630,10 @@ class LazyMount:
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]
         self.lines = queue.Queue()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        # Its stderr (fusepy's tracebacks) goes to a file: an inherited pipe would outlive the caller.
+        with open(f"{self.mountpoint}.lazyfs.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                         text=True, start_new_session=True)
         threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
         self._expect("ready", timeout)
         deadline = time.monotonic() + timeout
