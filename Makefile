@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check soak-power
 
 all: check
 
@@ -92,6 +92,13 @@ soak: $(VENV)/.installed
 
 soak-short: $(VENV)/.installed
 	SOAK_SECONDS=120 SOAK_SEED=$${SOAK_SEED:-20261202} $(VENV)/bin/python tests/soak.py
+
+# Power cuts under otad-robot on the power-loss layer (tests/powercut.py, tests/lazyfs.py):
+# POWER_CUTS cuts during installs, rollbacks and probation; POWER_SEED replays a run; exit 1 on
+# any invariant violation. Needs root and FUSE; without them, prints "skipped" and why.
+POWER_CUTS ?= 200
+soak-power: $(VENV)/.installed fuse-deps
+	POWER_CUTS=$(POWER_CUTS) $(VENV)/bin/python tests/powercut.py
 
 # Debian packages, built from a clean copy of the tree into build/deb/
 # (tests/deb/build-debs.sh; installs missing build dependencies as root).

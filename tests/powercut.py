@@ -100,6 +100,8 @@ class RobotPowerCuts:
         self.lazy = LazyMount(self.disk, self.mnt)
         self.sources: dict[str, dict[str, bytes]] = {}
         self.last_state: dict | None = None
+        self.daemon = None
+        self.committed = False
 
     # -- the layer ----------------------------------------------------------------------
 
@@ -128,7 +130,8 @@ class RobotPowerCuts:
         """The invariants on the backing folder itself, as the cut left it."""
         app, state_dir = self.disk / "app", self.disk / "state"
         problems = []
-        problem = current_problem(app, allow_none=True)
+        # Once the robot logged a committed install, CURRENT and state.json must be on the disk.
+        problem = current_problem(app, allow_none=not self.committed)
         if problem:
             problems.append(problem)
         releases = app / "releases"
@@ -146,7 +149,7 @@ class RobotPowerCuts:
             state = json.loads((state_dir / "state.json").read_text())
         except FileNotFoundError:
             state = None
-            if self.last_state is not None:
+            if self.committed:
                 problems.append("state.json is gone")
         except ValueError as exc:
             state = None
@@ -178,6 +181,8 @@ class RobotPowerCuts:
         try:
             return self._run(cuts)
         finally:
+            if self.daemon is not None:
+                self.daemon.kill9()
             kill_users(self.mnt)
             self.lazy.unmount()
 
@@ -190,9 +195,10 @@ class RobotPowerCuts:
                 (self.mnt / name).mkdir()
             fsync_dir(self.mnt)
         self.release("1.0.0", True)
-        robot = self.robot().start(wait_listening=False)
+        robot = self.daemon = self.robot().start(wait_listening=False)
         robot.wait_for_log("installed app 1.0.0", timeout=60)
         wait_until(lambda: self.phase() == "idle", 30, "1.0.0 out of probation")
+        self.committed = True
         newest_good = "1.0.0"
         for number in range(1, cuts + 1):
             version = f"1.{number}.0"
@@ -211,7 +217,10 @@ class RobotPowerCuts:
             self.mount()
             robot.start(wait_listening=False)
             robot.wait_for_log("recovered: CURRENT is app", timeout=60)
-            after = committed_and_sound(self.mnt / "app", self.mnt / "state")
+            try:
+                after = committed_and_sound(self.mnt / "app", self.mnt / "state")
+            except (OSError, ValueError) as exc:
+                after = f"state unreadable: {exc}"
             if after:
                 problems.append(f"seed {self.seed}, cut {number}, after recovery: {after}")
             if problems:

@@ -1,0 +1,31 @@
+"""Power cuts under the real otad-robot (tests/powercut.py), a short seeded run.
+
+`make soak-power` runs the long one (POWER_CUTS=200); POWER_SEED replays a run.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lazyfs import LazyMount
+from powercut import RobotPowerCuts
+
+WHY_NOT = LazyMount.available()
+
+
+@pytest.fixture
+def site(site):
+    site.gw = site.gateway().start()
+    return site
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
+def test_robot_survives_power_cuts_during_installs_and_rollbacks(site):
+    seed = int(os.environ.get("POWER_SEED", "20261203"))
+    report = RobotPowerCuts(site, seed).run(int(os.environ.get("POWER_CUTS", "8")))
+    print(report.summary())
+    assert report.violations == [], report.summary()
+    assert report.cuts == int(os.environ.get("POWER_CUTS", "8"))
+    # The cuts landed inside installs, not only between them.
+    assert sum(n for phase, n in report.phases.items() if phase != "idle") >= 1, report.phases
