@@ -13,7 +13,8 @@ the cut left it and again after the robot's recovery, the invariants of issue 14
 - at the end, without cuts, the robot converges to the newest release that passes.
 
 Each mount draws, from the seed, whether it tears writes (--torn) or loses them whole.
-Run: `make soak-power` (POWER_CUTS, POWER_SEED); tests/test_powercut.py runs a short one.
+Run: `make soak-power` (POWER_CUTS, POWER_SEED; POWER_SECONDS bounds the time, and the
+summary says how many cuts ran); tests/test_powercut.py runs a short one.
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ class RobotPowerCuts:
         self.last_state: dict | None = None
         self.daemon = None
         self.committed = False
+        self.verbose = False
+        self.deadline: float | None = None
 
     # -- the layer ----------------------------------------------------------------------
 
@@ -179,7 +182,9 @@ class RobotPowerCuts:
         except (OSError, ValueError, KeyError):
             return "unknown"
 
-    def run(self, cuts: int) -> Report:
+    def run(self, cuts: int, seconds: float | None = None) -> Report:
+        """`cuts` power cuts, fewer if `seconds` run out first (the report says how many)."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
         try:
             return self._run(cuts)
         finally:
@@ -203,6 +208,9 @@ class RobotPowerCuts:
         self.committed = True
         failing: set[str] = set()
         for number in range(1, cuts + 1):
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                print(f"time budget spent after {self.report.cuts} cuts", flush=True)
+                break
             version = f"1.{number}.0"
             passes = self.rng.random() > 0.25
             self.release(version, passes)
@@ -212,7 +220,8 @@ class RobotPowerCuts:
                 robot.proc.wait(self.rng.uniform(0.0, 2.5))
             except subprocess.TimeoutExpired:
                 pass
-            self.report.phases[self.phase()] += 1
+            phase = self.phase()
+            self.report.phases[phase] += 1
             self.cut(robot)
             self.report.cuts += 1
             problems = self.disk_problems(number)
@@ -227,6 +236,10 @@ class RobotPowerCuts:
                 after = f"committed {robot_state(self.mnt / 'state')['committed']}, whose self-test fails"
             if after:
                 problems.append(f"seed {self.seed}, cut {number}, after recovery: {after}")
+            if self.verbose:
+                print(f"cut {number}: {version} ({'good' if passes else 'failing'}), phase {phase}, "
+                      f"{'torn' if self.lazy.torn else 'whole'} writes lost, "
+                      f"{'VIOLATION' if problems else 'invariants hold'}", flush=True)
             if problems:
                 self.report.violations += problems
                 break
@@ -234,7 +247,7 @@ class RobotPowerCuts:
             # The gateway offers only its newest release, so a good release cut during its
             # self-test and superseded before the retry is never installed (docs/reliability.md):
             # the robot must converge to a last, good release, published without a cut.
-            newest_good = f"1.{cuts + 1}.0"
+            newest_good = f"1.{self.report.cuts + 1}.0"
             self.release(newest_good, True)
             try:
                 wait_until(lambda: current_version(self.mnt / "app") == newest_good and self.phase() == "idle",
@@ -270,7 +283,10 @@ def main() -> int:
         site.gw = site.gateway().start()
         started = time.monotonic()
         try:
-            report = RobotPowerCuts(site, seed, fresh_dirs=os.environ.get("POWER_FRESH_DIRS") == "1").run(cuts)
+            loop = RobotPowerCuts(site, seed, fresh_dirs=os.environ.get("POWER_FRESH_DIRS") == "1")
+            loop.verbose = True
+            seconds = float(os.environ["POWER_SECONDS"]) if os.environ.get("POWER_SECONDS") else None
+            report = loop.run(cuts, seconds)
         finally:
             site.stop_all()
         print(report.summary() + f"; {time.monotonic() - started:.0f}s")
