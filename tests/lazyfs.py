@@ -43,6 +43,10 @@ implement them), so SQLite and flock work. Shared writable mmap works (no direct
 SQLite's WAL with its -shm file works; the -shm is never fsynced, and SQLite does not need
 it to be: after a cut it rebuilds the index from the -wal on first open. An unlinked file
 stays readable through open descriptors (hard_remove: no .fuse_hidden files).
+One difference from a kernel file system, from libfuse2's path-based API: an open(2)
+racing a rename over the same name can fail with ENOENT (the kernel resolved the old
+inode, whose path libfuse no longer has), where ext4 would open the old file. A reader
+of a file another process replaces by rename should retry ENOENT on this layer.
 
 Control: SIGUSR1 = crash (answers `crashed <stats json>` on stdout), SIGUSR2 = print
 `stats <json>` (fsync counts, for the durability-cost measurements). `ready` is printed
@@ -594,7 +598,8 @@ def serve(backing: str, mountpoint: str, torn: bool, seed: int | None) -> None:
 
     threading.Thread(target=control, daemon=True, name="control").start()
     fuse.FUSE(fs, mountpoint, foreground=True, nothreads=False, use_ino=True,
-              hard_remove=True, allow_other=True, fsname="lazyfs", subtype="lazyfs")
+              hard_remove=True, allow_other=True, fsname="lazyfs", subtype="lazyfs",
+              entry_timeout=0, negative_timeout=0, attr_timeout=0)
 
 
 class LazyMount:
