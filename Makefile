@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check soak-power
 
 all: check
 
@@ -54,11 +54,22 @@ tls-deps:
 	  echo "could not install nginx-light: the nginx TLS tests will be skipped"; \
 	else echo "nginx not found (installing it needs root and apt-get): the nginx TLS tests will be skipped"; fi
 
+# The power-loss layer (tests/lazyfs.py): fusepy (a test extra, pure Python) drives
+# libfuse2 through ctypes; fuse3 brings fusermount3 and /etc/fuse.conf. Installed with apt
+# when we are root (mounting needs root anyway); otherwise those tests skip and say why.
+fuse-deps:
+	@if ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 '; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libfuse2 fuse3 >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libfuse2 fuse3; } || \
+	  echo "could not install libfuse2: the power-loss tests will be skipped"; \
+	else echo "libfuse2 not found (installing it needs root and apt-get): the power-loss tests will be skipped"; fi
+
 # Two workers, a test file each at a time (--dist loadfile keeps a file's module fixtures,
 # e.g. the namespace topology, in one worker); the slowest tests are listed at the end.
 PYTEST_PARALLEL := -n 2 --dist loadfile
 
-test: $(VENV)/.installed interop-js browser-deps tls-deps
+test: $(VENV)/.installed interop-js browser-deps tls-deps fuse-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) --durations=15
 
 # Longer fuzzing of every parser (tests/test_fuzz_parsers.py): FUZZ_SECONDS per parser, fresh
@@ -67,7 +78,7 @@ FUZZ_SECONDS ?= 60
 fuzz: $(VENV)/.installed
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz_parsers.py
 
-test-bookworm: $(VENV_BOOKWORM)/.installed interop-js tls-deps
+test-bookworm: $(VENV_BOOKWORM)/.installed interop-js tls-deps fuse-deps
 	$(VENV_BOOKWORM)/bin/python -m pytest $(PYTEST_PARALLEL) -q -p no:cacheprovider -m "not slow"
 
 check: test test-bookworm deb-check soak-short
@@ -81,6 +92,13 @@ soak: $(VENV)/.installed
 
 soak-short: $(VENV)/.installed
 	SOAK_SECONDS=120 SOAK_SEED=$${SOAK_SEED:-20261202} $(VENV)/bin/python tests/soak.py
+
+# Power cuts under otad-robot on the power-loss layer (tests/powercut.py, tests/lazyfs.py):
+# POWER_CUTS cuts during installs, rollbacks and probation; POWER_SEED replays a run; exit 1 on
+# any invariant violation. Needs root and FUSE; without them, prints "skipped" and why.
+POWER_CUTS ?= 200
+soak-power: $(VENV)/.installed fuse-deps
+	POWER_CUTS=$(POWER_CUTS) $(VENV)/bin/python tests/powercut.py
 
 # Debian packages, built from a clean copy of the tree into build/deb/
 # (tests/deb/build-debs.sh; installs missing build dependencies as root).
