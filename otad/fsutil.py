@@ -24,6 +24,23 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: str | os.PathLike[str], mode: int = 0o755) -> None:
+    """mkdir -p whose new folders survive a power cut: each one created is made durable
+    by an fsync of its parent (mkdir alone, like a create, is lost until then)."""
+    missing: list[Path] = []
+    path = Path(directory)
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=mode)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+        fsync_dir(folder.parent)
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
     # The temp file must live in the target's directory: rename(2) is only atomic
     # within one filesystem.

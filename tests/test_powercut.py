@@ -32,15 +32,11 @@ def test_robot_survives_power_cuts_during_installs_and_rollbacks(site):
 
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
-@pytest.mark.xfail(strict=True, reason="finding (issue 14): otad-robot creates STATE_DIR and APP_DIR "
-                   "without fsyncing their parent, so a power cut after its first installs loses both "
-                   "(otad/robot/state.py StateStore.__init__, otad/robot/layout.py, otad/robot/worker.py mkdir)")
 def test_robot_that_created_its_own_folders_keeps_them_across_a_power_cut(site):
     """A robot started on an empty disk (no packaged /var/lib/otad folders) installs 1.0.0, then the power goes.
 
-    Today the cut takes STATE_DIR and APP_DIR with it: CURRENT, state.json (blacklist and
-    anti-rollback floor) are gone. Remove the xfail mark once the robot makes the folders it
-    creates durable (e.g. mkdir + fsync of the parent in one fsutil helper).
+    Before otad.fsutil.make_dirs (mkdir, then an fsync of the parent, for each folder made) the
+    cut took STATE_DIR and APP_DIR with it: CURRENT and state.json (blacklist, anti-rollback floor).
     """
     report = RobotPowerCuts(site, 1, fresh_dirs=True).run(1)
     assert report.violations == [], report.summary()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from otad.agent.collect import rfc3339
 from otad.errors import OtadError
-from otad.fsutil import fsync_dir
+from otad.fsutil import fsync_dir, make_dirs
 from otad.robot.outbox import Outbox
 from otad.telemetry.records import MAX_RECORDS, RecordError, encode, validate_record
 
@@ -90,7 +90,7 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         try:
             self._db = self._open(fresh=not path.exists())
         except sqlite3.OperationalError:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otad.errors import ConfigError, MalformedMetadata
+from otad.fsutil import make_dirs
 from otad.transfer.http import Validators, content_etag
 from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
@@ -198,7 +199,7 @@ class _Watcher:
 def _ensure_folder(root: Path) -> None:
     """Create OTA_DIR if missing: the dashboard answers 404s before the first publish."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root)
     except OSError as exc:
         raise ConfigError(f"OTA_DIR ({root}): cannot create folder ({exc.strerror})") from None
     if not root.is_dir():

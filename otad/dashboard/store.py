@@ -28,6 +28,7 @@ from typing import Protocol
 
 from otad.dashboard.ingest import IngestError
 from otad.telemetry.records import encode
+from otad.fsutil import make_dirs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -102,7 +103,7 @@ class TelemetryStore(Protocol):
 
 class SqliteTelemetryStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         self.path = path
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from otad.daemon import Worker
 from otad.telemetry.records import encode
+from otad.fsutil import make_dirs
 
 log = logging.getLogger("otad.gateway")
 
@@ -106,7 +107,7 @@ def connect(path: Path, max_bytes: int = 64 * 2**20) -> sqlite3.Connection:
 
 class TelemetryBuffer:
     def __init__(self, path: Path, max_bytes: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         self.path = path
         # The database file never shrinks (freed pages are reused), so bound what it holds
         # such that file + WAL stay within max_bytes.

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otad.errors import MalformedMetadata, OtadError
-from otad.fsutil import atomic_write_bytes, fsync_dir
+from otad.fsutil import atomic_write_bytes, fsync_dir, make_dirs
 from otad.semver import Version
 from otad.transfer.http import Validators, content_etag
 from otad.trust.digest import FileDigest
@@ -89,7 +89,7 @@ class Cache:
     # -- start-up ---------------------------------------------------------------
     def load(self) -> None:
         for directory in (self.root, self.files_dir, self.versions_dir, self.partial_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            make_dirs(directory)
         releases: dict[str, CachedRelease] = {}
         for entry in sorted(self.versions_dir.glob("*.json")):
             release = self._load_release(entry)

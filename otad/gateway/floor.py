@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otad.errors import MalformedMetadata, OtadError
-from otad.fsutil import atomic_write_bytes
+from otad.fsutil import atomic_write_bytes, make_dirs
 from otad.semver import Version
 from otad.trust.manifest import Manifest, timestamp_epoch, utc_timestamp
 from otad.trust.rollback import next_floor
@@ -62,7 +62,7 @@ class FloorStore:
         doc = {"highest": floor.highest,
                "newest_created": utc_timestamp(floor.newest_created) if floor.newest_created is not None else None}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             atomic_write_bytes(self.path, (json.dumps(doc) + "\n").encode())
         except OSError as exc:  # e.g. disk full: the release is not installed, and is tried again
             raise OtadError(f"cannot write {self.path}: {exc}") from None

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from otad.fsutil import atomic_write_bytes, fsync_dir
+from otad.fsutil import atomic_write_bytes, fsync_dir, make_dirs
 
 LINKS = ("CURRENT", "OLD", "NEW")
 
@@ -27,7 +27,7 @@ class AppDir:
         self.releases = root / "releases"
 
     def ensure(self) -> None:
-        self.releases.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.releases)
 
     def release_dir(self, version: str) -> Path:
         return self.releases / version

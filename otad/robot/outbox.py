@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from otad.fsutil import atomic_write_bytes, fsync_dir
+from otad.fsutil import atomic_write_bytes, fsync_dir, make_dirs
 
 MAX_EVENTS = 10_000  # beyond this the oldest are dropped: events are small, the disk is not infinite
 
@@ -19,7 +19,7 @@ MAX_EVENTS = 10_000  # beyond this the oldest are dropped: events are small, the
 class Outbox:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "outbox"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
 
     def _sequence_numbers(self) -> list[int]:
         return sorted(int(p.stem) for p in self.dir.glob("*.json") if p.stem.isdigit())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otad.errors import OtadError
-from otad.fsutil import atomic_write_bytes
+from otad.fsutil import atomic_write_bytes, make_dirs
 
 PHASES = ("idle", "unpacking", "activating", "selftest", "probation", "rolling_back")
 
@@ -48,7 +48,7 @@ class RobotState:
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "state.json"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(state_dir)
         self.lock = StateLock(state_dir)
 
     def load(self) -> RobotState:

@@ -15,7 +15,7 @@ import time
 
 from otad.daemon import Heartbeat
 from otad.errors import OtadError, TransportError, TrustError
-from otad.fsutil import atomic_write_bytes
+from otad.fsutil import atomic_write_bytes, make_dirs
 from otad.robot.crashpoints import crashpoint
 from otad.robot.installer import Installer
 from otad.robot.settings import RobotSettings
@@ -39,7 +39,7 @@ class Worker:
         self.installer = installer
         self.heartbeat = heartbeat
         self.downloads = settings.state_dir / "downloads"
-        self.downloads.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.downloads)
         self._wake = threading.Event()
         self._stop = False
         self._backoff = Backoff()
