@@ -282,15 +282,15 @@ def test_unblacklist_during_probation_is_not_undone_when_probation_ends(site):
     _, robot = robot_with(site, "1.0.0", MAX_ATTEMPTS=1, HEALTH_CMD="true", PROBATION_S=6, HEALTH_INTERVAL=1)
     site.release("2.0.0", selftest="exit 1")
     robot.wait_for_log("blacklisted app 2.0.0", 30)
-    site.release("1.1.0")
-    robot.wait_for_log("installed app 1.1.0; on probation", 30)
+    site.release("2.1.0")  # above the refused 2.0.0: the gateway never goes lower
+    robot.wait_for_log("installed app 2.1.0; on probation", 30)
     assert status_json(robot)["phase"] == "probation"
 
     result = ctl(robot, "unblacklist", "2.0.0")
     assert result.returncode == 0, result.stderr
     assert "passed probation" not in robot.log(), "probation ended before otadctl ran: the test proved nothing"
     assert status_json(robot)["blacklist"] == []
-    robot.wait_for_log("app 1.1.0 passed probation", 30)
+    robot.wait_for_log("app 2.1.0 passed probation", 30)
     doc = status_json(robot)
     assert doc["phase"] == "idle" and doc["blacklist"] == [], doc
     assert doc["attempts"].get("2.0.0", 0) == 0, doc
