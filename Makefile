@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check soak-power
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check deb-deps soak-power
 
 all: check
 
@@ -108,8 +108,18 @@ deb:
 # The packages installed with apt into a clean Debian bookworm booted under
 # systemd-nspawn, and exercised there (tests/deb/deb_check.py). Needs root;
 # without root or systemd-nspawn it prints SKIPPED and why.
-deb-check:
+deb-check: deb-deps
 	$(PYTHON) tests/deb/deb_check.py
+
+# What deb-check needs beyond the base system, installed with apt when we are root
+# (a fresh machine has none of them); otherwise deb-check prints SKIPPED and why.
+deb-deps:
+	@missing=""; for tool in systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux dpkg-buildpackage:dpkg-dev; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } || \
+	  echo "could not install$$missing: deb-check will be skipped"; fi
 
 # Benchmarks measure against reference tools in the same run (docs/benchmarks.md).
 # They are not tests: they print ratios and PASS/MISS and always exit 0.
