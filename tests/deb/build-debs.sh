@@ -16,6 +16,7 @@ src=$out/otad
 
 rm -rf "$out"
 mkdir -p "$src"
+src=$(cd "$src" && pwd)  # absolute: apt-get build-dep takes a folder only as /path or ./path
 # --ignore-failed-read: a tracked file deleted in the working tree is not copied.
 git ls-files -z --cached --others --exclude-standard \
     | tar --null -T - --ignore-failed-read -cf - 2>/dev/null \
@@ -25,12 +26,12 @@ if ! (cd "$src" && dpkg-checkbuilddeps >/dev/null 2>&1); then
     if [ "$(id -u)" != 0 ]; then
         echo "make deb: build dependencies are missing; install them as root:" >&2
         (cd "$src" && dpkg-checkbuilddeps) || true
-        echo "  apt-get build-dep $(pwd)/$src" >&2
+        echo "  apt-get build-dep $src" >&2
         exit 1
     fi
     echo "make deb: installing the missing build dependencies with apt-get"
     apt-get update -q || true
-    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -q "./$src"
+    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -q "$src"
 fi
 
 # Debian's own tools and interpreter only (no pyenv or /usr/local shims).
