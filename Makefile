@@ -93,12 +93,12 @@ soak: $(VENV)/.installed
 soak-short: $(VENV)/.installed
 	SOAK_SECONDS=120 SOAK_SEED=$${SOAK_SEED:-20261202} $(VENV)/bin/python tests/soak.py
 
-# Power cuts under otad-robot on the power-loss layer (tests/powercut.py, tests/lazyfs.py):
+# Power cuts under otad-robot on the power-loss layer (tests/powercut_robot.py, tests/lazyfs.py):
 # POWER_CUTS cuts during installs, rollbacks and probation; POWER_SEED replays a run; exit 1 on
 # any invariant violation. Needs root and FUSE; without them, prints "skipped" and why.
 POWER_CUTS ?= 200
 soak-power: $(VENV)/.installed fuse-deps
-	POWER_CUTS=$(POWER_CUTS) $(VENV)/bin/python tests/powercut.py
+	POWER_CUTS=$(POWER_CUTS) $(VENV)/bin/python tests/powercut_robot.py
 
 # Debian packages, built from a clean copy of the tree into build/deb/
 # (tests/deb/build-debs.sh; installs missing build dependencies as root).

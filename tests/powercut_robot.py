@@ -21,14 +21,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,57 +31,9 @@ sys.path.insert(0, str(HERE))
 
 from harness import wait_until  # noqa: E402
 from invariants import committed_and_sound, current_problem, current_version, robot_state  # noqa: E402
-from lazyfs import LazyMount  # noqa: E402
+from powerloop import PowerLayer, Report, soak_main, tree  # noqa: E402
 from otad.fsutil import fsync_dir  # noqa: E402
 from otad.semver import parse_version  # noqa: E402
-
-
-@dataclass
-class Report:
-    seed: int
-    cuts: int = 0
-    phases: Counter = field(default_factory=Counter)
-    torn: int = 0
-    violations: list[str] = field(default_factory=list)
-    fsyncs: Counter = field(default_factory=Counter)
-
-    def summary(self) -> str:
-        phases = ", ".join(f"{phase} {count}" for phase, count in sorted(self.phases.items()))
-        return (f"robot power cuts: seed {self.seed}, {self.cuts} cuts ({self.torn} with torn writes); "
-                f"phases at the cut: {phases}; violations: {len(self.violations)}; "
-                f"layer calls: {dict(self.fsyncs)}")
-
-
-def kill_users(mountpoint: Path) -> None:
-    """SIGKILL every process with its cwd, root or an open file on the mount (the power is off)."""
-    prefix = str(mountpoint.resolve())
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
-        try:
-            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            continue
-        for link in links:
-            try:
-                target = os.readlink(link)
-            except OSError:
-                continue
-            if target == prefix or target.startswith(prefix + "/"):
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                break
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            files[str(path.relative_to(root))] = path.read_bytes()
-    return files
 
 
 class RobotPowerCuts:
@@ -97,31 +44,16 @@ class RobotPowerCuts:
         self.fresh_dirs = fresh_dirs
         self.seed = seed
         self.rng = random.Random(seed)
-        self.report = Report(seed)
+        self.report = Report("robot", seed)
         self.disk = site.root / "robot-disk"
         self.mnt = site.root / "robot-fs"
-        self.lazy = LazyMount(self.disk, self.mnt)
+        self.layer = PowerLayer(self.disk, self.mnt, self.rng, self.report)
         self.sources: dict[str, dict[str, bytes]] = {}
         self.last_state: dict | None = None
         self.daemon = None
         self.committed = False
         self.verbose = False
         self.deadline: float | None = None
-
-    # -- the layer ----------------------------------------------------------------------
-
-    def mount(self) -> None:
-        self.lazy.torn = self.rng.random() < 0.5
-        self.lazy.seed = self.rng.randrange(1 << 30)
-        self.lazy.mount()
-
-    def cut(self, robot) -> None:
-        stats = self.lazy.crash()
-        self.report.fsyncs.update(stats)
-        self.report.torn += self.lazy.torn
-        robot.kill9()
-        kill_users(self.mnt)
-        self.lazy.unmount()
 
     # -- invariants ---------------------------------------------------------------------
 
@@ -213,11 +145,10 @@ class RobotPowerCuts:
         finally:
             if self.daemon is not None:
                 self.daemon.kill9()
-            kill_users(self.mnt)
-            self.lazy.unmount()
+            self.layer.close()
 
     def _run(self, cuts: int) -> Report:
-        self.mount()
+        self.layer.mount()
         if not self.fresh_dirs:
             # STATE_DIR and APP_DIR exist, durably, before the first start, as the Debian
             # package lays them out (POWER_FRESH_DIRS=1: the robot creates them itself).
@@ -245,10 +176,10 @@ class RobotPowerCuts:
                 pass
             phase = self.phase()
             self.report.phases[phase] += 1
-            self.cut(robot)
+            self.layer.cut(robot)
             self.report.cuts += 1
             problems = self.disk_problems(number)
-            self.mount()
+            self.layer.mount()
             robot.start(wait_listening=False)
             robot.wait_for_log("recovered: CURRENT is app", timeout=60)
             after = self.recovered_problem(failing)
@@ -256,7 +187,7 @@ class RobotPowerCuts:
                 problems.append(f"seed {self.seed}, cut {number}, after recovery: {after}")
             if self.verbose:
                 print(f"cut {number}: {version} ({'good' if passes else 'failing'}), phase {phase}, "
-                      f"{'torn' if self.lazy.torn else 'whole'} writes lost, "
+                      f"{'torn' if self.layer.lazy.torn else 'whole'} writes lost, "
                       f"{'VIOLATION' if problems else 'invariants hold'}", flush=True)
             if problems:
                 self.report.violations += problems
@@ -279,42 +210,11 @@ class RobotPowerCuts:
         return self.report
 
 
-def main() -> int:
-    from conftest import otad_release
-    from fleet import Site
-
-    why = LazyMount.available()
-    if why:
-        print(f"power-cut soak skipped: {why}")
-        return 0
-    cuts = int(os.environ.get("POWER_CUTS", "200"))
-    seed = int(os.environ.get("POWER_SEED", str(random.SystemRandom().randrange(1 << 31))))
-    print(f"power-cut soak: seed {seed} (POWER_SEED={seed} replays it), {cuts} cuts", flush=True)
-    root = Path(tempfile.mkdtemp(prefix="otad-power-"))
-    print(f"power-cut soak: logs in {root} (removed if every invariant held)", flush=True)
-    if True:
-        (root / "keys").mkdir()
-        result = otad_release("keygen", "--output-prefix", str(root / "keys" / "release"))
-        assert result.returncode == 0, result.stderr
-        site = Site(root, root / "keys" / "release.key", root / "keys" / "release.pub")
-        site.start_dashboard()
-        site.gw = site.gateway().start()
-        started = time.monotonic()
-        try:
-            loop = RobotPowerCuts(site, seed, fresh_dirs=os.environ.get("POWER_FRESH_DIRS") == "1")
-            loop.verbose = True
-            seconds = float(os.environ["POWER_SECONDS"]) if os.environ.get("POWER_SECONDS") else None
-            report = loop.run(cuts, seconds)
-        finally:
-            site.stop_all()
-        print(report.summary() + f"; {time.monotonic() - started:.0f}s")
-        for violation in report.violations:
-            print("VIOLATION " + violation)
-        if report.violations:
-            return 1
-        shutil.rmtree(root)
-        return 0
+def start_robot_loop(site, seed: int) -> RobotPowerCuts:
+    site.start_dashboard()
+    site.gw = site.gateway().start()
+    return RobotPowerCuts(site, seed, fresh_dirs=os.environ.get("POWER_FRESH_DIRS") == "1")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(soak_main("robot", start_robot_loop))

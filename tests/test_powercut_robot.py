@@ -1,4 +1,4 @@
-"""Power cuts under the real otad-robot (tests/powercut.py), a short seeded run.
+"""Power cuts under the real otad-robot (tests/powercut_robot.py), a short seeded run.
 
 `make soak-power` runs the long one (POWER_CUTS=200); POWER_SEED replays a run.
 """
@@ -9,7 +9,7 @@ import os
 import pytest
 
 from lazyfs import LazyMount
-from powercut import RobotPowerCuts
+from powercut_robot import RobotPowerCuts
 
 WHY_NOT = LazyMount.available()
 
