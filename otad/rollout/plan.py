@@ -253,18 +253,19 @@ class _Fields:
             return default
         value = self.doc[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise PlanError(f"{self.where} field '{key}' must be of type {kind.__name__}")
+            name = "number" if isinstance(kind, tuple) else kind.__name__
+            raise PlanError(f"{self.where} field '{key}' must be of type {name}")
         return value
 
     def integer(self, key: str, low: int, high: int, default: Any = ...) -> Any:
         value = self.take(key, int, default)
-        if value is not default and not low <= value <= high:
+        if key in self.doc and not low <= value <= high:
             raise PlanError(f"{self.where} field '{key}' must be between {low} and {high}")
         return value
 
     def number(self, key: str, low: float, high: float, default: Any = ...) -> Any:
         value = self.take(key, (int, float), default)  # type: ignore[arg-type]
-        if value is not default and not low <= value <= high:
+        if key in self.doc and not low <= value <= high:
             raise PlanError(f"{self.where} field '{key}' must be between {low} and {high}")
         return value
 
