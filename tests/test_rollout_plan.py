@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from otad.errors import MalformedMetadata
-from otad.rollout.plan import Criteria, PlanError, parse_plan, plan_from_doc, render_plan
+from otad.rollout.plan import Criteria, PlanError, parse_plan, plan_from_doc, render_plan, revise
 from otad.rollout.signed import verify_plan
 from rollouts import EXPIRES_EPOCH, make_plan, plan_doc, sign_raw
 
@@ -64,3 +64,24 @@ def test_plan_corpus_is_refused_with_its_one_line_reason(case, role_keys):
 def test_every_corpus_file_has_a_row_and_every_row_a_file():
     files = {f"plan/{p.name}" for p in (CORPUS / "plan").iterdir()}
     assert files == {c["file"] for c in CASES}
+
+
+def test_pause_resume_approve_and_abort_are_new_revisions():
+    plan = make_plan(revision=4)
+    paused = revise(plan, state="paused", reason="operator: looking at a1's logs")
+    assert (paused.revision, paused.state, paused.reason) == (5, "paused", "operator: looking at a1's logs")
+    resumed = revise(paused, state="active", reason="")
+    approved = revise(resumed, approved_phase=2)
+    aborted = revise(approved, state="aborted", reason="phase 1 fleet-wide: 3 failed, more than max_failures 2")
+    assert [p.revision for p in (resumed, approved, aborted)] == [6, 7, 8] and aborted.approved_phase == 2
+    assert aborted.phases == plan.phases and aborted.version == plan.version
+
+
+def test_a_revision_readers_would_refuse_cannot_be_made():
+    plan = make_plan()
+    with pytest.raises(PlanError, match="field 'approved_phase' must be between 0 and 2"):
+        revise(plan, approved_phase=3)
+    with pytest.raises(PlanError, match="field 'reason' must be one line"):
+        revise(plan, state="paused", reason="two\nlines")
+    with pytest.raises(PlanError, match="sets the revision itself"):
+        revise(plan, revision=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from otad.rollout.cohort import assignment, phase_of
 from otad.rollout.progress import Counts, Event, Evidence, advance, breach, evaluate, tally
-from otad.rollout.plan import Criteria
+from otad.rollout.plan import Criteria, revise
 from rollouts import make_plan
 
 T0 = 1_790_000_000.0
@@ -65,7 +65,7 @@ def test_a_failing_canary_with_site_a_dark():
     assert assignment(plan, "a1", "2.0.0", site_a.opened, halted=True, came_from="1.0.0").version == "1.0.0"
     fleet = evaluate(plan, started, tally(plan, events[3:], now), now)  # the dashboard sees only B: A is dark
     assert fleet.halt.scope == "fleet" and fleet.halt.state == "aborted" and "phase 0 fleet-wide: 1 failed" in fleet.halt.reason
-    aborted = make_plan(phases=AUTO, on_halt="rollback", revision=2, state="aborted", reason=fleet.halt.reason)
+    aborted = revise(plan, state=fleet.halt.state, reason=fleet.halt.reason)  # the dashboard's signed revision
     site_b = evaluate(aborted, started, Evidence(), now + 3600, site="B")
     assert not site_b.advance and site_b.opened == 1 and "aborted: phase 0 fleet-wide" in site_b.waiting
     back = assignment(aborted, "b1", "2.0.0", site_b.opened, came_from="1.0.0")

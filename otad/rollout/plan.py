@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from otad.errors import MalformedMetadata
@@ -146,6 +146,15 @@ def render_plan(plan: Plan) -> bytes:
         "reason": plan.reason,
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def revise(plan: Plan, **changes: Any) -> Plan:
+    """The next revision (revision + 1) with `changes` (state, reason, approved_phase, criteria...):
+    how pause, resume, approve and abort are made. It goes through the parser, so a
+    revision can never be a plan that readers would refuse."""
+    if "revision" in changes:
+        raise PlanError("revise sets the revision itself (one more than the plan's)")
+    return parse_plan(render_plan(replace(plan, revision=plan.revision + 1, **changes)))
 
 
 def _phase_doc(phase: Phase) -> dict:
