@@ -28,7 +28,7 @@ from typing import Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from otad.errors import MalformedMetadata, TrustError
+from otad.errors import ChecksumMismatch, MalformedMetadata, TrustError
 from otad.rollout.plan import MAX_PLAN_BYTES, Plan, PlanError, parse_plan, render_plan
 from otad.trust.bundle import render_bundle
 from otad.trust.keys import PublicKey, public_key_hint
@@ -126,6 +126,11 @@ def _signer(data: bytes, bundle: bytes, rollout_keys, release_keys) -> str:
         return verify_cosign_signature(digest, bundle, rollout_keys).name
     except MalformedMetadata as exc:
         raise PlanError(f"plan signature: {exc}") from None
+    except ChecksumMismatch:
+        # Checked before any key: the bundle's messageDigest names other bytes (tampered, or
+        # a release's bundle, which signs bare manifest bytes rather than a plan's PAE).
+        raise UntrustedPlan("plan signature: the bundle signs other bytes than this plan "
+                            "(changed after signing, or not a plan signature)") from None
     except TrustError as exc:
         refusal = exc
     for release_key in release_keys:
