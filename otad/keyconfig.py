@@ -51,3 +51,16 @@ def check_trust(keys: tuple[PublicKey, ...], keyring: bytes | None) -> None:
     if not keys and keyring is None:
         raise ConfigError("TRUSTED_KEYS is empty and TRUSTED_GPG_KEYRING is not set: no release could ever verify")
 
+
+
+def rollout_keys(raw: str, release_keys: tuple[PublicKey, ...] = ()) -> tuple[PublicKey, ...]:
+    """ROLLOUT_KEYS: the rollout key's public key files (as TRUSTED_KEYS), which sign plans.
+
+    Empty: no rollouts (newest release to all, as before issue 15). A key that is
+    also in TRUSTED_KEYS is refused: the release key and the rollout key are
+    separate roles (otad/rollout/signed.py)."""
+    from otad.rollout.signed import check_key_split
+
+    keys = trusted_keys(raw)
+    check_key_split(release_keys, keys)
+    return keys

@@ -68,3 +68,20 @@ def site(tmp_path: Path, keypair: tuple[Path, Path]):
     s.start_dashboard()
     yield s
     s.stop_all()
+
+
+@pytest.fixture(scope="session")
+def role_keys(tmp_path_factory):
+    """Two real cosign key pairs from `otad-release keygen`: the release key and the rollout key
+    (issue 15's two roles). Returns {"release"|"rollout": (private key, PublicKey)}."""
+    from otad.trust.keys import load_private_key, load_public_key
+
+    folder = tmp_path_factory.mktemp("role-keys")
+    keys = {}
+    for role in ("release", "rollout"):
+        result = otad_release("keygen", "--output-prefix", str(folder / role))
+        assert result.returncode == 0, result.stderr
+        private = load_private_key((folder / f"{role}.key").read_bytes(), b"test-password", f"{role}.key")
+        keys[role] = (private, load_public_key((folder / f"{role}.pub").read_bytes(), f"{role}.pub"))
+    keys["folder"] = folder
+    return keys

@@ -42,6 +42,10 @@ from otad.transfer.files import _SAFE_NAME, safe_file_name
 from otad.transfer.http import Validators, parse_range, plan_response
 from otad.trust.bundle import parse_bundle
 from otad.trust.manifest import parse_checksum_file, parse_manifest, render_manifest
+from otad.rollout.cohort import assignment, phase_of
+from otad.rollout.plan import MAX_PLAN_BYTES, parse_plan, render_plan
+from otad.rollout.progress import Counts, Evidence, evaluate
+from rollouts import plan_doc
 
 FUZZ_SECONDS = float(os.environ.get("FUZZ_SECONDS", "0") or 0)
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
@@ -118,6 +122,36 @@ def test_fuzz_manifest():
     run_fuzz(documents(VALID_MANIFEST), check_manifest)
 
 
+def check_plan_document(data: bytes) -> None:
+    """A rollout plan (otad/rollout/plan.py; no daemon reads plans yet): accepted plans round-trip through
+    their canonical bytes, and the pure decisions on them answer for any robot without raising."""
+    try:
+        plan = parse_plan(data)
+    except TrustError:
+        return
+    canonical = render_plan(plan)
+    assert parse_plan(canonical) == plan and len(canonical) <= MAX_PLAN_BYTES * 2
+    percents = [p.percent for p in plan.phases]
+    assert percents == sorted(percents) and 0 <= plan.offline_max_phase < len(plan.phases)
+    for robot in ("a1", "robot-7"):
+        phase = phase_of(plan, robot)
+        got = assignment(plan, robot, "1.0.0", len(plan.phases))
+        assert got.version in (None, plan.version) and (got.version is None or got.phase == phase)
+    evidence = Evidence(fleet={0: Counts(committed=1, failed=1)}, sites={"s": {0: Counts(failed=2)}})
+    progress = evaluate(plan, {0: 0.0}, evidence, 1e9, site="s", online=False)
+    assert progress.opened == 1 and not (progress.advance and progress.halt)
+
+
+def _plan_variants() -> st.SearchStrategy[dict]:
+    valid = plan_doc()
+    phase = st.fixed_dictionaries({}, optional={"robots": st.lists(st.sampled_from(["a1", "b1", "c", "../x", ""]), max_size=3),
+                                                "percent": st.integers(-5, 105) | st.floats(allow_nan=False),
+                                                "min_soak_s": st.integers(-1, 10**6), "advance": st.sampled_from(["auto", "approve", "x"]),
+                                                "halt": st.dictionaries(st.sampled_from(["fleet", "site", "zone"]), mutated({"max_failures": 0, "max_failure_rate": 0.5, "min_attempts": 2}), max_size=2)})
+    with_phases = st.builds(lambda doc, phases: {**doc, "phases": phases}, mutated(valid), st.lists(phase, min_size=0, max_size=4))
+    return mutated(valid) | with_phases
+
+
 # Version texts, with numeric identifiers often spelled with leading zeros.
 _identifiers = st.sampled_from(["0", "00", "01", "1", "001", "10", "a", "0a", "rc", "beta", "x1"]) | st.from_regex(r"[0-9A-Za-z]{1,4}", fullmatch=True)
 version_texts = st.builds(
@@ -155,6 +189,11 @@ def check_bundle(data: bytes) -> None:
         return
     assert isinstance(bundle.signature, bytes) and 0 < len(bundle.signature) <= 512
     assert bundle.digest is None or len(bundle.digest) == 32
+
+
+def test_fuzz_rollout_plan():
+    canonical = _plan_variants().map(lambda doc: json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    run_fuzz(canonical | documents(plan_doc()), check_plan_document)
 
 
 def test_fuzz_bundle():
@@ -352,7 +391,7 @@ def check_range_file(data: bytes) -> None:
     check_plan(("GET", {"Range": header}, int(size)))
 
 
-PARSERS = {"manifest": check_manifest, "bundle": check_bundle, "checksum": check_checksum, "records": check_batch,
+PARSERS = {"manifest": check_manifest, "plan": check_plan_document, "bundle": check_bundle, "checksum": check_checksum, "records": check_batch,
            "gzip": check_gzip, "config": check_config, "range": check_range_file, "versions": check_version_pair}
 
 
