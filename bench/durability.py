@@ -13,9 +13,11 @@ that turns fsync, fdatasync, sync, sync_file_range and O_SYNC into no-ops):
   otad-dashboard, each with a fresh state folder. The agent's own Spool and
   Collector (otad.agent) first spool --records metrics in a child process, one
   transaction per record as the agent's collector does every INTERVAL; then
-  the agent starts (INTERVAL=3600: it samples nothing more) and sends them in
-  its BATCH (100) records per POST; the run ends when the dashboard holds all
-  of them and the agent's spool and the gateway's buffer are empty.
+  the agent starts (INTERVAL=3600: it samples nothing more) and sends them,
+  once with BATCH=100 (its default: a backlog, as after an outage) and once
+  with BATCH=1 (one record per POST: how a live agent sends, one record each
+  INTERVAL); the run ends when the dashboard holds all of them, each once, and
+  the agent's spool and the gateway's buffer are empty.
 
 fsyncs are counted by wrapping each daemon (and the spooling child) in
 `strace -f --seccomp-bpf -ttt -y -e trace=fsync,fdatasync,sync_file_range,syncfs,sync`:
@@ -26,7 +28,7 @@ file). Times come from runs without strace, durable and eatmydata alternately,
 strace too, to show that no fsync reaches the kernel. Loopback only, in a
 temporary folder under /tmp. Run it as
 
-    .venv/bin/python bench/durability.py [--size-mb 64] [--records 1000] [--repeat 3]
+    .venv/bin/python bench/durability.py [--size-mb 64] [--records 1000] [--repeat 2]
 
 It needs strace and eatmydata (Debian: apt-get install strace eatmydata; `make
 bench-durability` installs them as root). See docs/benchmarks.md for the figures.
@@ -53,7 +55,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_serving import _need, children, free_port, wait_until  # noqa: E402 - shared helpers of the benchmarks
 from robot_install import Daemon, _bin, fresh, run_otad, spawn, start_site, sync_all, write_config  # noqa: E402
-from telemetry import buffer_count, dashboard_check, dashboard_config, gateway_config, max_id, write_tokens  # noqa: E402
+from telemetry import (  # noqa: E402
+    buffer_count, dashboard_check, dashboard_config, gateway_config, max_id, wait_quiet, write_tokens)
 
 CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync")
 LINE = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((?:\d+<([^>]*)>)?")
@@ -294,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=64, help="release artifact (.tar.gz) size in MiB, about (default 64)")
     parser.add_argument("--records", type=int, default=1000, help="telemetry records per run (default 1000)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per mode; the median is reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs per mode; the median is reported (default 2)")
     parser.add_argument("--seed", type=int, default=20250101, help="seed for the generated app folder")
+    parser.add_argument("--quiet-wait", type=int, default=0,
+                        help="seconds to wait at start for other benchmarks and test runs to finish (default 0)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     args = parser.parse_args(argv)
     if args.size_mb <= 0 or not 1 <= args.records <= 100_000 or not 1 <= args.repeat <= 20:
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             line.split()[2] for line in Path("/proc/mounts").read_text().splitlines() if line.split()[1] == "/")
         print(f"otad durability benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, {fs} under /tmp, "
               f"repeat {args.repeat}, median reported, work dir {work}")
+        machine = wait_quiet(args.quiet_wait)
+        print(f"load average at start: {Path('/proc/loadavg').read_text().split(' ', 3)[:3]}")
         site = start_site(work, args.size_mb, args.seed, env, daemons)
 
         counted, timed = measure(lambda mode, traced, tag: install(
@@ -358,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             row(f"{args.records:,} records, agent -> gateway -> dashboard, BATCH={batch}", send, args.records)
             row(f"{args.records:,} records, spooling + sending, BATCH={batch}",
                 {m: spool[m] + send[m] for m in MODES}, args.records)
-        print(f"\ntotal benchmark time {time.monotonic() - started:.0f} s")
+        print(f"\nmachine at start: {machine[:300]}; load average at the end: "
+              f"{Path('/proc/loadavg').read_text().split(' ', 3)[:3]}")
+        print(f"total benchmark time {time.monotonic() - started:.0f} s")
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
