@@ -20,13 +20,14 @@ that turns fsync, fdatasync, sync, sync_file_range and O_SYNC into no-ops):
   the agent's spool and the gateway's buffer are empty.
 
 fsyncs are counted by wrapping each daemon (and the spooling child) in
-`strace -f --seccomp-bpf -ttt -y -e trace=fsync,fdatasync,sync_file_range,syncfs,sync`:
-every call is logged with its thread, time and file, and the calls between the
-workload's start and end are counted per daemon, and per file (directory or
-file). Times come from runs without strace, durable and eatmydata alternately,
---repeat times each, median reported; the eatmydata runs are counted under
-strace too, to show that no fsync reaches the kernel. Loopback only, in a
-temporary folder under /tmp. Run it as
+`strace -f --seccomp-bpf -ttt -T -y -e trace=fsync,fdatasync,sync_file_range,syncfs,sync`:
+every call is logged with its thread, start time, duration and file; the calls
+starting between the workload's start and end are counted per daemon and per
+file or directory, and their durations summed (wall time inside the calls,
+over all threads). Times come from runs without strace, durable and eatmydata
+alternately, --repeat times each, median reported; the eatmydata runs are
+counted under strace too, to show that no fsync reaches the kernel. Loopback
+only, in a temporary folder under /tmp. Run it as
 
     .venv/bin/python bench/durability.py [--size-mb 64] [--records 1000] [--repeat 2]
 
@@ -60,6 +61,8 @@ from telemetry import (  # noqa: E402
 
 CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync")
 LINE = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((?:\d+<([^>]*)>)?")
+RESUMED = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+<\.\.\. (\w+) resumed>")
+SPENT = re.compile(r"<(\d+\.\d+)>$")  # strace -T: the time the call took
 MODES = ("durable", "eatmydata")
 INSTALL_TIMEOUT = 600
 DRAIN_TIMEOUT = 120
@@ -93,6 +96,7 @@ class Calls:
     by_call: Counter = field(default_factory=Counter)
     by_file: Counter = field(default_factory=Counter)  # (label, call) -> n
     dirs: int = 0  # calls on a directory
+    seconds: float = 0.0  # wall time spent inside the calls (strace -T), summed over threads
 
     @property
     def total(self) -> int:
@@ -101,7 +105,7 @@ class Calls:
 
 def tracer(out: Path) -> tuple[str, ...]:
     strace = _need("strace", "strace")
-    return (strace, "-f", "--seccomp-bpf", "-qq", "-ttt", "-y", "-e", "signal=none",
+    return (strace, "-f", "--seccomp-bpf", "-qq", "-ttt", "-T", "-y", "-e", "signal=none",
             "-e", "trace=" + ",".join(CALLS), "-o", str(out))
 
 
@@ -124,10 +128,22 @@ def label(path: str, names: dict[str, str]) -> str:
 def count(trace: Path, t0: float, t1: float, names: dict[str, str]) -> Calls:
     """The calls strace logged starting between t0 and t1 (wall clock, as strace -ttt)."""
     calls = Calls()
+    counted: set[str] = set()  # threads whose call is unfinished and counted (its time comes when it resumes)
     for line in trace.read_text(errors="replace").splitlines():
+        spent = SPENT.search(line)
+        resumed = RESUMED.match(line)
+        if resumed:
+            if resumed[1] in counted and spent:
+                calls.seconds += float(spent[1])
+            counted.discard(resumed[1])
+            continue
         match = LINE.match(line)
         if not match or match[3] not in CALLS or not t0 <= float(match[2]) <= t1:
             continue
+        if spent:
+            calls.seconds += float(spent[1])
+        elif line.endswith("<unfinished ...>"):
+            counted.add(match[1])
         path = match[4] or ""
         is_dir = bool(path) and os.path.isdir(path)
         calls.by_call[match[3]] += 1
@@ -259,13 +275,15 @@ def spool_rows(spool: Path) -> int:
 
 def print_calls(title: str, calls: dict[str, Calls], per: float, unit: str, top: int) -> None:
     print(f"\n{title}")
-    print(f"| daemon | fsync | fdatasync | sync_file_range | syncfs | sync | total | of which on directories | {unit} |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print(f"| daemon | fsync | fdatasync | sync_file_range | syncfs | sync | total | of which on directories | {unit} "
+          f"| s inside the calls |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for who, c in calls.items():
         print(f"| {who} | " + " | ".join(str(c.by_call[k]) for k in CALLS) +
-              f" | {c.total} | {c.dirs} | {c.total * per:,.0f} |")
+              f" | {c.total} | {c.dirs} | {c.total * per:,.0f} | {c.seconds:.2f} |")
     everything = sum(c.total for c in calls.values())
-    print(f"| all | | | | | | {everything} | {sum(c.dirs for c in calls.values())} | {everything * per:,.0f} |")
+    print(f"| all | | | | | | {everything} | {sum(c.dirs for c in calls.values())} | {everything * per:,.0f} "
+          f"| {sum(c.seconds for c in calls.values()):.2f} |")
     for who, c in calls.items():
         if c.total:
             files = ", ".join(f"{n} {call} {path}" for (path, call), n in c.by_file.most_common(top))
