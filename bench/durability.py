@@ -56,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_serving import _need, children, free_port, wait_until  # noqa: E402 - shared helpers of the benchmarks
-from robot_install import Daemon, _bin, fresh, run_otad, spawn, start_site, sync_all, write_config  # noqa: E402
+from robot_install import Daemon, Site, _bin, fresh, run_otad, spawn, start_site, sync_all, write_config  # noqa: E402
 from telemetry import (  # noqa: E402
     buffer_count, dashboard_check, dashboard_config, gateway_config, max_id, wait_quiet, write_tokens)
 
@@ -65,7 +65,6 @@ LINE = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((?:\d+<([^>]*)>)?")
 RESUMED = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+<\.\.\. (\w+) resumed>")
 SPENT = re.compile(r"<(\d+\.\d+)>$")  # strace -T: the time the call took
 MODES = ("durable", "eatmydata")
-INSTALL_TIMEOUT = 600
 DRAIN_TIMEOUT = 120
 # The agent's BATCH in the two telemetry runs: its default, on a backlog; and one record per POST,
 # which is how a live agent sends when it keeps up with its collector (one record each INTERVAL).
@@ -177,7 +176,7 @@ class Result:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def install(site, work: Path, name: str, mode: str, traced: bool, env: dict[str, str]) -> Result:
+def install(site: Site, work: Path, name: str, mode: str, traced: bool, env: dict[str, str]) -> Result:
     """One otad-robot install, fresh STATE_DIR and APP_DIR, from start to `installed app` (after the commit)."""
     trace = work / f"{name}.strace" if traced else None
     fresh(work / f"{name}-state", work / f"{name}-app")
@@ -195,7 +194,7 @@ def install(site, work: Path, name: str, mode: str, traced: bool, env: dict[str,
     return result
 
 
-def telemetry(site, work: Path, name: str, mode: str, traced: bool, records: int, batch: int,
+def telemetry(site: Site, work: Path, name: str, mode: str, traced: bool, records: int, batch: int,
               env: dict[str, str]) -> Result:
     """records metrics spooled by the agent's code, then sent by telemetry-agent through a gateway to a dashboard."""
     tdir = work / name
@@ -264,6 +263,7 @@ def telemetry(site, work: Path, name: str, mode: str, traced: bool, records: int
 
 
 def spool_rows(spool: Path) -> int:
+    """Rows in the agent's spool, read-only (what it has not yet had acknowledged)."""
     conn = sqlite3.connect(f"file:{spool}?mode=ro", uri=True, timeout=5)
     try:
         return conn.execute("SELECT count(*) FROM records").fetchone()[0]
