@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check deb-deps soak-power
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-durability bench-durability-deps clean deb deb-check deb-deps soak-power
 
 all: check
 
@@ -123,7 +123,7 @@ deb-deps:
 
 # Benchmarks measure against reference tools in the same run (docs/benchmarks.md).
 # They are not tests: they print ratios and PASS/MISS and always exit 0.
-bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry
+bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-durability
 
 bench-deps:
 	@missing=""; for tool in curl:curl nginx:nginx-light ab:apache2-utils wrk:wrk; do \
@@ -144,6 +144,16 @@ bench-robot: $(VENV)/.installed bench-deps
 
 bench-telemetry: $(VENV)/.installed bench-deps
 	$(VENV)/bin/python bench/telemetry.py
+
+# A diagnostic, no targets: fsyncs per robot install and per 1,000 telemetry records, counted
+# with strace, and the time they cost against the same runs under eatmydata (no fsync).
+bench-durability-deps:
+	@missing=""; for tool in strace:strace eatmydata:eatmydata; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get install -y -q $$missing; fi
+
+bench-durability: $(VENV)/.installed bench-durability-deps
+	$(VENV)/bin/python bench/durability.py
 
 clean:
 	rm -rf $(VENV) $(VENV_BOOKWORM) $(INTEROP_JS)/node_modules build dist *.egg-info .pytest_cache
