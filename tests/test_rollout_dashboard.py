@@ -298,6 +298,13 @@ def test_site_reports_are_kept_per_site_and_shown_in_status(desk):
     assert status["site_reports"]["gw"]["halted"] == report["halted"]
     assert [(h["scope"], h["sites"], h["reason"]) for h in status["halts"]] == [("site", ["gw"], "phase 0 at site gw: 2 failed")]
     assert status["phases"][0]["sites"]["gw"]["halted"]
+    # The console page shows the report's halt, escaped (a reason is any printable line).
+    hostile = {**report, "phases": [{**report["phases"][0], "reason": "<script>alert(1)</script>"}]}
+    assert api(desk, "POST", "/rollouts/site-report", GATEWAY_TOKEN, json=hostile).status_code == 200
+    page = requests.get(f"{desk.dashboard.url}/rollouts/app-2", timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "<script>alert" not in page.text
+    assert requests.get(f"{desk.dashboard.url}/rollouts/nope", timeout=10).status_code == 404
     # A gateway speaks for its own site only, and about a rollout that exists.
     assert api(desk, "POST", "/rollouts/site-report", SITE_B_TOKEN, json=report).status_code == 403
     assert api(desk, "POST", "/rollouts/site-report", GATEWAY_TOKEN, json={**report, "rollout_id": "nope"}).status_code == 404

@@ -2,6 +2,8 @@
 
 - `GET /rollouts.json` (Wire 1, no token: everything in it is signed): the latest
   revision of every current plan.
+- `GET /rollouts` and `/rollouts/<id>`: the console pages (rollout_page.py), readable
+  without a token like /status; their buttons call the admin API with one.
 - `POST /rollouts/site-report` (Wire 4, a gateway token): what a site decided.
 - The admin API, operator tokens only (OPERATOR_TOKENS_FILE; a gateway token is
   not one): `GET /api/rollouts`, `POST /api/rollouts` (create),
@@ -19,17 +21,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from otad.dashboard.ingest import IngestError, authenticate
+from otad.dashboard.rollout_page import render_rollout, render_rollouts
 from otad.dashboard.rollouts import ACTIONS, RolloutDesk, RolloutError
 from otad.telemetry.tokens import TokenTable
 
 MAX_ADMIN_BODY = 64 * 1024
 API = "/api/rollouts"
 
-Respond = Callable[..., Iterable[bytes]]  # (code, body dict, extra headers) -> WSGI body
+Respond = Callable[..., Iterable[bytes]]  # (code, body dict or an HTML page's bytes, extra headers) -> WSGI body
 
 
 def is_rollout_route(path: str) -> bool:
-    return path in ("/rollouts.json", "/rollouts/site-report") or path == API or path.startswith(API + "/")
+    return path in ("/rollouts", "/rollouts.json", API) or path.startswith(("/rollouts/", API + "/"))
 
 
 def route(desk: RolloutDesk, gateways: TokenTable | None, method: str, path: str, environ: dict,
@@ -44,6 +47,13 @@ def route(desk: RolloutDesk, gateways: TokenTable | None, method: str, path: str
             gateway = authenticate(gateways, environ.get("HTTP_AUTHORIZATION"))
             desk.site_report(gateway, read_json(environ))
             return respond(200, {"ok": True}, [])
+        if path == "/rollouts" or path.startswith("/rollouts/"):
+            _allow(method, "GET", "HEAD")
+            tail = path[len("/rollouts/"):] if path != "/rollouts" else ""
+            if "/" in tail:
+                raise RolloutError("not found", 404)
+            page = render_rollout(desk.status(tail, now)) if tail else render_rollouts(desk.overview(now))
+            return respond(200, page, [("Cache-Control", "no-store")])
         operator = _operator(desk.operators, environ)
         parts = path[len(API):].strip("/").split("/") if path != API else []
         if not parts:
