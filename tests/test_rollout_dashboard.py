@@ -285,6 +285,29 @@ def test_a_fleet_wide_halt_is_issued_when_events_breach_the_criteria(desk, role_
     assert desk.dashboard.new_log().count("halted fleet-wide") == 1
 
 
+def test_a_plan_that_cannot_be_judged_does_not_stop_the_fleet_halts(desk, role_keys):
+    """A damaged revision row (written by hand into the live database: no request can make one)
+    is logged and skipped; the other rollout (checked after it: ids in order) is still halted, and the
+    dashboard keeps serving."""
+    assert rollout(desk, "create", write_plan(desk, plan_fields())).returncode == 0
+    conn = sqlite3.connect(desk.db, timeout=30)
+    with conn:
+        conn.execute("INSERT INTO rollout_revisions VALUES ('aaa-broken', 1, 'active', 4e9, x'7b7d', x'7b7d', 0, 'operator x', NULL)")
+    conn.close()
+    desk.dashboard.wait_for_log(r"rollout aaa-broken: fleet-wide check failed: PlanError: [^\n]+")
+    forward(desk, "gw", GATEWAY_TOKEN, [
+        {"id": n, "received": time.time(), "record": update_event(robot, 1, "rolled_back", "app-2", 0)}
+        for n, robot in ((1, "r1"), (2, "r2"))])
+    wait_until(lambda: verified(served_good(desk), role_keys).plan.state == "aborted", 20, "app-2 halted fleet-wide")
+    assert desk.dashboard.running() and "Traceback" not in desk.dashboard.log()
+
+
+def served_good(site: Site) -> dict:
+    """app-2 from Wire 1 (the broken row is served as it is; gateways refuse it when they verify)."""
+    response = requests.get(f"{site.dashboard.url}/rollouts.json", timeout=10)
+    return next(item for item in response.json()["plans"] if '"rollout_id":"app-2"' in item["plan"])
+
+
 def test_site_reports_are_kept_per_site_and_shown_in_status(desk):
     assert api(desk, "POST", API, json=plan_fields()).status_code == 201
     report = {"site": "gw", "rollout_id": "app-2", "revision": 1,

@@ -144,24 +144,36 @@ class RolloutDesk:
     # -- fleet-wide halts ----------------------------------------------------------------
 
     def check_fleet(self, now: float) -> list[StoredRevision]:
-        """Halt every active plan whose fleet criteria its events breach; the revisions issued."""
+        """Halt every active plan whose fleet criteria its events breach; the revisions issued.
+
+        One plan that cannot be judged (a store row damaged by hand, say) is logged and
+        skipped: it must not keep the other rollouts from halting."""
         issued = []
         for latest in self.store.latest_revisions():
             if latest.state != "active" or latest.expires <= now:
                 continue
-            plan = parse_plan(latest.plan)
-            halt = progress.find_halt(plan, len(plan.phases), self.evidence(plan, now), None)
-            if halt is None:
-                continue
             try:
-                revision = self._issue(revise(plan, state=halt.state, reason=halt.reason[:200]), FLEET_ACTOR, now, halt.phase)
-            except RolloutError as exc:  # an operator's revision came first: judge that one next time
-                log.info("rollout %s: fleet halt deferred: %s", plan.rollout_id, exc)
+                revision = self._halt_if_breached(latest, now)
+            except Exception as exc:
+                log.error("rollout %s: fleet-wide check failed: %s: %s", latest.rollout_id, type(exc).__name__, exc)
                 continue
-            log.warning("rollout %s revision %d phase %d halted fleet-wide (%s): %s", plan.rollout_id,
-                        revision.revision, halt.phase, halt.state, halt.reason)
-            issued.append(revision)
+            if revision is not None:
+                issued.append(revision)
         return issued
+
+    def _halt_if_breached(self, latest: StoredRevision, now: float) -> StoredRevision | None:
+        plan = parse_plan(latest.plan)
+        halt = progress.find_halt(plan, len(plan.phases), self.evidence(plan, now), None)
+        if halt is None:
+            return None
+        try:
+            revision = self._issue(revise(plan, state=halt.state, reason=halt.reason[:200]), FLEET_ACTOR, now, halt.phase)
+        except RolloutError as exc:  # an operator's revision came first: judge that one next time
+            log.info("rollout %s: fleet halt deferred: %s", plan.rollout_id, exc)
+            return None
+        log.warning("rollout %s revision %d phase %d halted fleet-wide (%s): %s", plan.rollout_id,
+                    revision.revision, halt.phase, halt.state, halt.reason)
+        return revision
 
     def evidence(self, plan: Plan, now: float) -> progress.Evidence:
         events = [progress.Event(e["robot_id"], e["gateway_id"], e["phase"], e["event"], e["at"])
