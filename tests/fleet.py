@@ -48,11 +48,11 @@ class Site:
         return self.publish(self.build(version, size, **build))
 
     # -- daemons ----------------------------------------------------------------------
-    def start_dashboard(self, **overrides) -> Daemon:
+    def start_dashboard(self, env: dict | None = None, **overrides) -> Daemon:
         config = write_config(self.root / "dashboard.conf", {
             "LISTEN": "127.0.0.1:0", "OTA_DIR": self.ota, "STATE_DIR": self.root / "dashboard-state", **overrides,
         })
-        self.dashboard = Daemon("otad-dashboard", config, self.root / "dashboard.log").start()
+        self.dashboard = Daemon("otad-dashboard", config, self.root / "dashboard.log", env=env).start()
         self.dashboard.pin_port()  # gateways keep its URL across the stops and starts of a test
         return self.dashboard
 

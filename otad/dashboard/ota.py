@@ -27,8 +27,10 @@ from pathlib import Path
 from otad.errors import ConfigError, MalformedMetadata
 from otad.fsutil import make_dirs
 from otad.transfer.http import Validators, content_etag
+from otad.semver import same_version
 from otad.trust.bundle import MAX_BUNDLE_BYTES
-from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from otad.trust.digest import digest_file
+from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_checksum_file, parse_manifest
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest
 
 log = logging.getLogger("otad.dashboard")
@@ -92,6 +94,28 @@ class OtaFolder:
             return
         with self._lock:
             self._load()
+
+    def unpublished(self, version: str) -> str | None:
+        """Why `version` is not a release this folder holds whole, or None if it is: the current
+        manifest's version, or an earlier publish's artifact with its signature and a checksum
+        file that matches it (publish never removes those). The dashboard holds no release key:
+        gateways and robots verify the signatures."""
+        current = self.current()
+        if current is None:
+            return "no release is published yet"
+        if same_version(current.manifest.version, version):
+            return None
+        stem = f"{current.manifest.name}-v{version}"
+        artifact, checksum = self.root / f"{stem}.tar.gz", self.root / f"{stem}.sha256"
+        if not any((self.root / f"{stem}.tar.gz{suffix}").is_file() for suffix in (".bundle", ".asc")):
+            return f"{artifact.name} and its signature are not in {self.root} (publish it with otad-release publish)"
+        try:
+            digest_hex, named = parse_checksum_file(checksum.read_bytes()[:4096])
+            if named != artifact.name or digest_file(artifact).hex != digest_hex:
+                return f"{artifact.name} does not match {checksum.name}"
+        except (OSError, MalformedMetadata) as exc:
+            return f"{checksum.name}: {getattr(exc, 'strerror', None) or exc}"
+        return None
 
     def close(self) -> None:
         if self._watcher is not None:
