@@ -9,7 +9,8 @@ The gateway is stopped for stretches (the spool fills) and started again (it dra
 
 Each cut lands either a few milliseconds after the gateway stored a batch of the agent
 (the 200 is on its way, or the spool's delete is not yet durable) or at a random moment
-(sampling, spooling, draining the outbox, sending, backing off). After every cut, on the
+(sampling, spooling, draining the outbox, sending, backing off); in some boots it lands
+while the agent starts (opening the spool, SQLite recovering its WAL). After every cut, on the
 spool as the cut left it (a copy, opened the way the restarted agent opens it) and again
 on the live spool after the agent's restart:
 
@@ -77,9 +78,13 @@ for n in range(first, first + count):
 """
 
 
-def read_spool(path: Path) -> dict | None:
-    """Records, counters and drained keys of a spool; None if it has no tables yet."""
-    db = sqlite3.connect(path, timeout=30)
+def read_spool(path: Path, live: bool = False) -> dict | None:
+    """Records, counters and drained keys of a spool; None if it has no tables yet.
+
+    `live`: beside the running agent, read-only (WAL lets it); else a copy the agent is not
+    using, opened read-write as the agent opens it, so SQLite recovers its WAL first.
+    """
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) if live else sqlite3.connect(path, timeout=30)
     try:
         integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'counters'").fetchone():
@@ -134,6 +139,7 @@ class AgentPowerCuts:
         self.writer: subprocess.Popen | None = None
         self.next_event = 0
         self.gateway_up = True
+        self.last_phase = ""
         self.verbose = False
 
     # -- what is where ------------------------------------------------------------------
@@ -305,30 +311,36 @@ class AgentPowerCuts:
                                      ROBOT_STATE_DIR=self.mnt / "robot-state", BATCH=self.rng.choice([3, 5, 10]))
         self.reboot()
         self.start_writer()
-        self.start_agent()
+        running = self.rng.random() >= 0.15  # else the first cut lands while the agent creates its spool
+        if running:
+            self.start_agent()
         for number in range(1, cuts + 1):
             if deadline is not None and time.monotonic() > deadline:
                 print(f"time budget spent after {self.report.cuts} cuts", flush=True)
                 break
-            self.maybe_toggle_gateway()
-            self.wait_for_cut()
-            self.layer.cut(self.agent)
-            self.stop_writer()
-            self.report.cuts += 1
-            spool = self.disk_spool()
-            phase = self.phase(spool)
-            self.report.phases[phase] += 1
-            problems = self.spool_problems(spool, "as left", self.acked_high()) + self.upstream_complaints()
+            if running:
+                self.maybe_toggle_gateway()
+                self.wait_for_cut()
+            else:  # this boot's cut lands while the agent opens (and SQLite recovers) the spool
+                self.agent.start(wait_listening=False)
+                try:
+                    self.agent.proc.wait(self.rng.uniform(0.05, 1.0))
+                except subprocess.TimeoutExpired:
+                    pass
+            problems = self.cut_and_check(None if running else "agent start-up (spool open, recovery)")
             self.layer.mount()
             self.reboot()
-            self.start_agent()
             self.start_writer()
-            acked = self.acked_high()
-            problems += self.spool_problems(read_spool(self.mnt / "agent-state" / "spool.db"), "after restart", acked)
+            running = self.rng.random() >= 0.15
+            if running:
+                self.start_agent()
+                acked = self.acked_high()
+                live = read_spool(self.mnt / "agent-state" / "spool.db", live=True)
+                problems += self.spool_problems(live, "after restart", acked)
             problems = [f"seed {self.seed}, cut {number}: {p}" for p in problems]
             if self.verbose:
-                print(f"cut {number}: phase {phase}, boot {self.boot[:8]}, gateway {'up' if self.gateway_up else 'down'}, "
-                      f"{'torn' if self.layer.lazy.torn else 'whole'} writes lost, "
+                print(f"cut {number}: phase {self.last_phase}, next boot {self.boot[:8]}, gateway "
+                      f"{'up' if self.gateway_up else 'down'}, {'torn' if self.layer.lazy.torn else 'whole'} writes lost, "
                       f"{'VIOLATION' if problems else 'invariants hold'}", flush=True)
             if problems:
                 self.report.violations += problems
@@ -336,6 +348,16 @@ class AgentPowerCuts:
         if not self.report.violations:
             self.report.violations += [f"seed {self.seed}, at the end: {p}" for p in self.converged()]
         return self.report
+
+    def cut_and_check(self, phase: str | None) -> list[str]:
+        """Cut the power, then check the spool as the cut left it (`phase`: None to judge it from the disk)."""
+        self.layer.cut(self.agent)
+        self.stop_writer()
+        self.report.cuts += 1
+        spool = self.disk_spool()
+        self.last_phase = phase or self.phase(spool)
+        self.report.phases[self.last_phase] += 1
+        return self.spool_problems(spool, "as left", self.acked_high()) + self.upstream_complaints()
 
     def converged(self) -> list[str]:
         """Without cuts: every event added and every record numbered reaches the dashboard exactly once."""
@@ -349,11 +371,11 @@ class AgentPowerCuts:
         self.start_agent()
         spool_db = self.mnt / "agent-state" / "spool.db"
         outbox = self.mnt / "robot-state" / "outbox"
-        wait_until(lambda: not read_spool(spool_db)["records"] and not list(outbox.glob("*.json"))
+        wait_until(lambda: not read_spool(spool_db, live=True)["records"] and not list(outbox.glob("*.json"))
                    and not read_only(self.gw_db, "SELECT 1 FROM records LIMIT 1"), 120,
                    "the spool, the outbox and the gateway's buffer to drain")
         acked = self.acked_high()
-        problems = self.spool_problems(read_spool(spool_db), "at the end", acked) + self.upstream_complaints()
+        problems = self.spool_problems(read_spool(spool_db, live=True), "at the end", acked) + self.upstream_complaints()
         rows = [r for r in dashboard_records(self.dash_db) if r[3] != "gap" and r[0] == ROBOT]
         keys = [(r[0], r[1], r[2]) for r in rows]
         if len(keys) != len(set(keys)):

@@ -28,3 +28,15 @@ def test_agent_spool_and_outbox_survive_power_cuts_while_collecting_spooling_and
     print(report.summary())
     assert report.violations == [], report.summary() + "\n" + "\n".join(report.violations)
     assert report.cuts == cuts
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
+def test_agent_counter_survives_power_cuts_within_one_boot(site):
+    """The machine's own boot id and clock go on across the cuts: one (robot, boot) key space.
+
+    The spool's counter (last_seq, issued) must then come back from every cut at or above
+    every seq the gateway acknowledged: a synchronous=NORMAL spool fails this within a few cuts.
+    """
+    report = AgentPowerCuts(site, 2, same_boot=True).run(4)
+    assert report.violations == [], report.summary() + "\n" + "\n".join(report.violations)
+    assert report.cuts == 4
