@@ -210,7 +210,7 @@ class AgentPowerCuts:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         source = self.disk / "agent-state"
-        for name in ("spool.db", "spool.db-wal"):  # -shm is never fsynced: SQLite rebuilds it
+        for name in ("spool.db", "spool.db-wal", "spool.db-shm"):  # each as the disk has it
             if (source / name).exists():
                 shutil.copyfile(source / name, scratch / name)
         return read_spool(scratch / "spool.db") if (scratch / "spool.db").exists() else None
