@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from otad.agent.collect import rfc3339
+from otad.dbutil import transaction
 from otad.errors import OtadError
 from otad.fsutil import fsync_dir, make_dirs
 from otad.robot.outbox import Outbox
@@ -191,13 +192,8 @@ class Spool:
         if clean is None:
             return None
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 seq = self._insert(clean)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending += 1
             self._enforce_bound()
         return seq
@@ -210,8 +206,7 @@ class Spool:
         keys = [hashlib.sha256(json.dumps(e, sort_keys=True).encode()).hexdigest() for e in events]
         added = 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 for event, key in zip(events, keys):
                     if self._db.execute("SELECT 1 FROM drained WHERE key = ?", (key,)).fetchone():
                         continue  # stored before a crash that came ahead of the file's removal
@@ -220,10 +215,6 @@ class Spool:
                     if record is not None:
                         self._insert(record)
                         added += 1
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending += added
         removed = []
         for event, key in zip(events, keys):
@@ -258,13 +249,8 @@ class Spool:
     def delete(self, ids: list[int]) -> None:
         """Forget rows the gateway has acknowledged (or that it can never accept)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 gone = self._db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in ids]).rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending -= gone
             # Sent rows free pages for good: give them back, so a drained spool is small again.
             self._db.execute("PRAGMA incremental_vacuum")
@@ -293,8 +279,7 @@ class Spool:
         target, dropped = int(self.max_bytes * TRIM_TO), 0
         # The rows go and the record that counts them comes in one transaction: a crash
         # between the two would lose metrics without a trace.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             while used > target:
                 metrics = self._db.execute("SELECT count(*) FROM records WHERE kind = 'metric' AND id > ?",
                                            (self.offered_up_to,)).fetchone()[0]
@@ -315,10 +300,6 @@ class Spool:
                 dropped += count
                 used = self.used_bytes()
             reported = self._insert_dropped(dropped) if dropped else False
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         if dropped:
             self.pending += reported - dropped
             self.dropped += dropped
@@ -349,14 +330,9 @@ class Spool:
         """
         record = json.loads(body)
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 gone = self._db.execute("DELETE FROM records WHERE id = ?", (row_id,)).rowcount
                 reported = bool(gone) and record.get("type") != "dropped" and self._insert_dropped(
                     1, (record["robot_id"], record["boot_id"]))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending += reported - gone
             self.refused += gone
