@@ -11,9 +11,11 @@
   records by (robot_id, boot_id, seq) and need no other id.
 - Outbox events are drained idempotently: an event's stored record and a key
   (a hash of the event file's content) commit together, then the file is
-  removed. A crash in between finds the key and only removes the file. The
-  content is the key, not the outbox seq, because Outbox.add reuses seq 1
-  once the outbox is empty.
+  removed. A crash in between finds the key and only removes the file. A key
+  is forgotten once a directory fsync made its file's removal durable, and
+  then every key without a file goes, also those a power cut left behind. The
+  content is the key, not the outbox seq, because an outbox seq can come
+  again (an outbox whose `.next` counter file was lost starts over).
 - Bound: past `max_bytes` of pages in use, the oldest metric rows are dropped
   (never events, never rows of a batch being sent: the gateway may hold them
   already) down to 90% of the bound; in the same transaction a `dropped` record
@@ -216,18 +218,21 @@ class Spool:
                         self._insert(record)
                         added += 1
             self.pending += added
-        removed = []
+        still_there = []
         for event, key in zip(events, keys):
             try:
                 outbox.remove(int(event["seq"]))
-                removed.append(key)
             except (OSError, KeyError, TypeError, ValueError) as exc:
+                still_there.append(key)
                 log.error("cannot remove outbox event %s (%s); it will not be sent twice", event.get("seq"), exc)
         # Forget a key only once its file's removal is durable: a file that came back
-        # after a power cut would otherwise be sent again.
+        # after a power cut would otherwise be sent again. After this fsync every file
+        # missing from the folder is durably gone, so every other key goes, also those
+        # a power cut left behind after their files' removal (no file names them again).
         fsync_dir(outbox.dir)
         with self._lock:
-            self._db.executemany("DELETE FROM drained WHERE key = ?", [(k,) for k in removed])
+            self._db.execute("DELETE FROM drained WHERE key NOT IN (SELECT value FROM json_each(?))",
+                             (json.dumps(still_there),))
             self._enforce_bound()
         return added
 
