@@ -204,6 +204,10 @@ class Spool:
         """Move every outbox file into the spool exactly once; return how many records were added."""
         events = outbox.pending()
         if not events:
+            with self._lock:
+                left = self._db.execute("SELECT 1 FROM drained LIMIT 1").fetchone()
+            if left:  # keys a power cut left behind their files' durable removal
+                self._forget_drained(outbox, [])
             return 0
         keys = [hashlib.sha256(json.dumps(e, sort_keys=True).encode()).hexdigest() for e in events]
         added = 0
@@ -225,16 +229,23 @@ class Spool:
             except (OSError, KeyError, TypeError, ValueError) as exc:
                 still_there.append(key)
                 log.error("cannot remove outbox event %s (%s); it will not be sent twice", event.get("seq"), exc)
-        # Forget a key only once its file's removal is durable: a file that came back
-        # after a power cut would otherwise be sent again. After this fsync every file
-        # missing from the folder is durably gone, so every other key goes, also those
-        # a power cut left behind after their files' removal (no file names them again).
+        self._forget_drained(outbox, still_there)
+        with self._lock:
+            self._enforce_bound()
+        return added
+
+    def _forget_drained(self, outbox: Outbox, still_there: list[str]) -> None:
+        """Forget the keys of drained events, except those whose files could not be removed.
+
+        A key goes only once its file's removal is durable: a file that came back after
+        a power cut would otherwise be sent again. After this fsync every file missing
+        from the folder is durably gone, so every other key goes, also those a power cut
+        left behind after their files' removal (no file names them again).
+        """
         fsync_dir(outbox.dir)
         with self._lock:
             self._db.execute("DELETE FROM drained WHERE key NOT IN (SELECT value FROM json_each(?))",
                              (json.dumps(still_there),))
-            self._enforce_bound()
-        return added
 
     # -- sending ----------------------------------------------------------------
     def batch(self, limit: int, max_body: int) -> list[tuple[int, str]]:
