@@ -45,7 +45,6 @@ tests/test_powercut_agent.py runs a short one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -63,6 +62,7 @@ sys.path.insert(0, str(HERE))
 from fleet import dashboard_records, write_tokens  # noqa: E402
 from harness import wait_until, write_config  # noqa: E402
 from powerloop import PowerLayer, Report, soak_main  # noqa: E402
+from otad.agent.spool import event_key  # noqa: E402
 from otad.fsutil import fsync_dir  # noqa: E402
 
 ROBOT = "robot"
@@ -112,11 +112,6 @@ def read_only(path: Path, query: str) -> list[tuple]:
         return []  # no tables yet
     finally:
         db.close()
-
-
-def drain_key(event: dict) -> str:
-    """The key the spool keeps for an outbox event it stored (otad/agent/spool.py drain_outbox)."""
-    return hashlib.sha256(json.dumps(event, sort_keys=True).encode()).hexdigest()
 
 
 def key(record: dict) -> tuple[str, str, int]:
@@ -231,7 +226,7 @@ class AgentPowerCuts:
         spooled_events = {r["detail"] for r in records if r["type"] == "event"}
         if any(key(r) in held for r in records):
             return "acknowledged, delete not durable"
-        if spool and any(drain_key(f) in spool["drained"] or f.get("detail") in spooled_events for f in files):
+        if spool and any(event_key(f) in spool["drained"] or f.get("detail") in spooled_events for f in files):
             return "outbox drain, files not yet removed"
         if not self.gateway_up:
             return "gateway down, spooling"

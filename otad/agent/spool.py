@@ -88,6 +88,11 @@ def event_record(event: dict, robot_id: str, boot_id: str) -> dict:
     }
 
 
+def event_key(event: dict) -> str:
+    """The key that marks an outbox event as stored (its content: see the module docstring)."""
+    return hashlib.sha256(json.dumps(event, sort_keys=True).encode()).hexdigest()
+
+
 class Spool:
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
@@ -209,7 +214,7 @@ class Spool:
             if left:  # keys a power cut left behind their files' durable removal
                 self._forget_drained(outbox, [])
             return 0
-        keys = [hashlib.sha256(json.dumps(e, sort_keys=True).encode()).hexdigest() for e in events]
+        keys = [event_key(e) for e in events]
         added = 0
         with self._lock:
             with transaction(self._db):
