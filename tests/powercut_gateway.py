@@ -1,0 +1,441 @@
+"""Power cuts under otad-gateway: its STATE_DIR (release cache, telemetry buffer, release floor) on the layer.
+
+The dashboard runs on the normal file system; the gateway's STATE_DIR is on the power-loss
+layer (tests/lazyfs.py). Three robots (one thread each) POST telemetry batches the way
+telemetry-agent does: a batch is resent whole until the gateway answers 200, and counts as
+acknowledged once `accepted + duplicates` covers it. Each cut: the dashboard may be stopped
+for a stretch (the buffer fills) or started again (it forwards); a release may be published,
+genuine, or hostile (its artifact tampered and published by hand before its manifest, or
+signed by an unknown key); at a random moment of the download, verification, buffer
+inserts or forwarding, the power goes (powerloop.PowerLayer.cut), and the gateway restarts.
+After every cut, on the disk as the cut left it and again after the restart:
+
+- the cache holds and serves only genuine releases: every versions/<v>.json is the signed
+  manifest of a genuine release, every full-size file of it is byte-equal to the genuine
+  one; GET /manifest, /manifest.bundle and /ota/<file> answer only genuine bytes (the
+  hostile artifacts 404), the served manifest verifies, and its version never drops below
+  what robots were already served; release-floor.json never moves backwards and is never
+  below what is served;
+- the telemetry buffer: every record the gateway acknowledged is in its buffer or at the
+  dashboard; the dashboard never stores a record twice (one row per (robot, boot, seq), its
+  per-robot `records` counter equal to the rows held), nothing is quarantined or refused.
+
+At the end, without cuts, the dashboard runs, the buffer drains fully and the dashboard
+holds every acknowledged record exactly once; the gateway converges to a last genuine release.
+Run: `python tests/powercut_gateway.py` (POWER_CUTS, POWER_SEED, POWER_SECONDS);
+tests/test_powercut_gateway.py runs a short one.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from conftest import otad_release  # noqa: E402
+from fleet import dashboard_records, metric, post_records, write_tokens  # noqa: E402
+from harness import wait_until  # noqa: E402
+from powerloop import PowerLayer, Report, soak_main  # noqa: E402
+from otad.fsutil import fsync_dir  # noqa: E402
+from otad.semver import Version  # noqa: E402
+from otad.trust.keys import load_public_key_files  # noqa: E402
+from otad.trust.metadata import verify_manifest  # noqa: E402
+from otad.trust.verify import TrustAnchors  # noqa: E402
+
+ROBOTS = ("r1", "r2", "r3")
+RELEASE_FILES = ("manifest.json", "manifest.json.bundle")
+
+
+class Robot(threading.Thread):
+    """One robot's telemetry, sent like telemetry-agent: a batch is resent until it is acknowledged."""
+
+    def __init__(self, loop: "GatewayPowerCuts", name: str, seed: int) -> None:
+        super().__init__(daemon=True, name=f"robot-{name}")
+        self.loop, self.robot, self.rng = loop, name, random.Random(seed)
+        self.next_seq = 1
+        self.batch: list[dict] = []
+        self.acked: set[int] = set()
+        self.in_flight = False
+        self.refused = 0
+        self.finishing = False  # the end: no new batches, the last one resent until acknowledged
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self.batch:
+                if self.finishing:
+                    return
+                size = self.rng.choice([1, 1, 5, 20, 60])
+                self.batch = [metric(self.robot, seq) for seq in range(self.next_seq, self.next_seq + size)]
+                self.next_seq += size
+            self.in_flight = True
+            try:
+                reply = post_records(self.loop.url, self.robot, self.batch, timeout=10)
+                answer = reply.json() if reply.status_code == 200 else None
+            except (requests.RequestException, ValueError):
+                answer = None
+            finally:
+                self.in_flight = False
+            if answer is not None and answer["accepted"] + answer["duplicates"] + answer["refused"] == len(self.batch):
+                self.refused += answer["refused"]
+                self.acked |= {record["seq"] for record in self.batch}
+                self.batch = []
+            self.stop.wait(self.rng.uniform(0.01, 0.1) if answer is not None else 0.2)
+
+
+class GatewayPowerCuts:
+    """One gateway on the layer, between the site's real dashboard and robots posting over real HTTP."""
+
+    def __init__(self, site, seed: int) -> None:
+        self.site = site
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.report = Report("gateway", seed)
+        self.disk = site.root / "gateway-disk"
+        self.mnt = site.root / "gateway-fs"
+        self.layer = PowerLayer(self.disk, self.mnt, self.rng, self.report)
+        self.anchors = TrustAnchors(cosign_keys=tuple(load_public_key_files([str(site.pub)])))
+        self.genuine: dict[str, dict[str, bytes]] = {}  # version -> file name -> bytes
+        self.hostile: set[str] = set()  # artifact names that must never be served
+        self.served_high: str | None = None
+        self.floor_high: str | None = None
+        self.robots: list[Robot] = []
+        self.daemon = None
+        self.url = ""
+        self.number = 0
+        self.verbose = False
+        self.stranger: Path | None = None
+
+    # -- releases -----------------------------------------------------------------------
+
+    def publish(self, kind: str) -> str:
+        self.number += 1
+        version = f"1.{self.number}.0"
+        size = self.rng.choice([64, 1024, 4096]) * 1024
+        if kind == "unknown-key":
+            out = self.site.build(version, size, key=self.stranger_key())
+            self.site.publish(out)
+            self.hostile.add(json.loads((out / "manifest.json").read_text())["artifact"])
+            return version
+        out = self.site.build(version, size)
+        manifest = json.loads((out / "manifest.json").read_text())
+        if kind == "tampered":
+            self.hostile.add(manifest["artifact"])
+            self.site.publish_tampered(out)
+            return version
+        self.site.publish(out)
+        names = (*RELEASE_FILES, manifest["artifact"], manifest["bundle"], manifest["checksum"])
+        self.genuine[version] = {name: (out / name).read_bytes() for name in names}
+        return version
+
+    def stranger_key(self) -> Path:
+        if self.stranger is None:
+            self.stranger = self.site.root / "keys-stranger"
+            result = otad_release("keygen", "--output-prefix", str(self.stranger))
+            assert result.returncode == 0, result.stderr
+        return self.stranger.with_suffix(".key")
+
+    # -- invariants ---------------------------------------------------------------------
+
+    def cache_problems(self, state: Path) -> list[str]:
+        """The cache and floor as found in `state` (the disk as the cut left it)."""
+        problems = []
+        cache = state / "cache"
+        for entry in sorted((cache / "versions").glob("*.json")) if (cache / "versions").is_dir() else []:
+            version = entry.stem
+            genuine = self.genuine.get(version)
+            if genuine is None:
+                problems.append(f"cache holds versions/{entry.name}, not a genuine release")
+                continue
+            try:
+                doc = json.loads(entry.read_bytes())
+            except ValueError:
+                continue  # unreadable: the gateway drops it at start (checked after the restart)
+            manifest = json.loads(genuine["manifest.json"])
+            for name in (manifest["artifact"], manifest["bundle"], manifest["checksum"]):
+                path = cache / "files" / name
+                if path.is_file() and path.stat().st_size == len(genuine[name]) and path.read_bytes() != genuine[name]:
+                    problems.append(f"cache files/{name} of {version} has its full size and other bytes")
+            if base64.b64decode(doc.get("manifest", "")) != genuine["manifest.json"]:
+                problems.append(f"cache versions/{entry.name} does not hold the genuine manifest of {version}")
+        served = cache / "manifest.json"
+        if served.is_file() and served.stat().st_size and not any(served.read_bytes() == g["manifest.json"] for g in self.genuine.values()):
+            problems.append("cache manifest.json is not the manifest of a genuine release")
+        problems += self.floor_problems(state, served)
+        return problems
+
+    def floor_problems(self, state: Path, served: Path) -> list[str]:
+        try:
+            floor = json.loads((state / "release-floor.json").read_text())["highest"]
+        except FileNotFoundError:
+            floor = None
+        except (ValueError, KeyError) as exc:
+            return [f"release-floor.json unreadable: {exc}"]
+        problems = []
+        if self.floor_high and (floor is None or Version(floor) < Version(self.floor_high)):
+            problems.append(f"anti-rollback floor moved backwards: {self.floor_high} -> {floor}")
+        try:
+            active = json.loads(served.read_bytes())["version"]
+        except (OSError, ValueError, KeyError):
+            active = None
+        if active and (floor is None or Version(floor) < Version(active)):
+            problems.append(f"floor {floor} is below the cached manifest.json's {active}")
+        if floor and (self.floor_high is None or Version(floor) > Version(self.floor_high)):
+            self.floor_high = floor
+        return problems
+
+    def served_problems(self) -> list[str]:
+        """What the restarted gateway serves over HTTP."""
+        problems = []
+        response = requests.get(f"{self.url}/manifest", timeout=10)
+        if response.status_code == 200:
+            bundle = requests.get(f"{self.url}/manifest.bundle", timeout=10).content
+            version = next((v for v, g in self.genuine.items() if g["manifest.json"] == response.content), None)
+            if version is None:
+                problems.append("GET /manifest is not the manifest of a genuine release")
+            elif bundle != self.genuine[version]["manifest.json.bundle"]:
+                problems.append(f"GET /manifest.bundle is not the genuine bundle of {version}")
+            else:
+                verify_manifest(response.content, bundle, self.anchors, now=None)
+                if self.served_high and Version(version) < Version(self.served_high):
+                    problems.append(f"served version went back: {self.served_high} -> {version}")
+                floor = self.live_floor()
+                if floor is None or Version(version) > Version(floor):
+                    problems.append(f"serving {version} above the floor on disk {floor}")
+        elif response.status_code != 404 or self.served_high:
+            problems.append(f"GET /manifest answered {response.status_code} (served {self.served_high} before)")
+        for version, files in self.genuine.items():
+            for name, data in files.items():
+                if name in RELEASE_FILES:
+                    continue
+                got = requests.get(f"{self.url}/ota/{name}", timeout=30)
+                if got.status_code == 200 and got.content != data:
+                    problems.append(f"GET /ota/{name} of {version} is not the genuine file")
+        for name in self.hostile:
+            if requests.get(f"{self.url}/ota/{name}", timeout=30).status_code != 404:
+                problems.append(f"GET /ota/{name} serves a hostile artifact")
+        return problems
+
+    def live_floor(self) -> str | None:
+        """The running gateway's floor. An open racing its rename can fail with ENOENT on this layer
+        (tests/lazyfs.py): retried, as only a name missing three times in a row is missing."""
+        for _ in range(3):
+            try:
+                return json.loads((self.mnt / "state" / "release-floor.json").read_text())["highest"]
+            except FileNotFoundError:
+                time.sleep(0.2)
+        return None
+
+    def buffered(self, db: Path, live: bool = False) -> set[tuple[str, int]]:
+        """(robot, seq) of the records in a gateway buffer: the running gateway's (`live`, read-only),
+        or, on the disk as the cut left it, those of a copy (SQLite's recovery must not change the disk)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if not live:
+                for suffix in ("", "-wal"):
+                    if Path(f"{db}{suffix}").exists():
+                        shutil.copyfile(f"{db}{suffix}", f"{tmp}/telemetry.db{suffix}")
+                db = Path(tmp) / "telemetry.db"
+            if not db.exists():
+                return set()
+            conn = sqlite3.connect(f"file:{db}?mode=ro" if live else db, uri=live, timeout=30)
+            try:
+                rows = conn.execute("SELECT robot_id, seq FROM records WHERE kind != 'gap'").fetchall()
+                quarantined = conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+            except sqlite3.OperationalError:  # no tables yet: the gateway never committed its schema
+                return set()
+            finally:
+                conn.close()
+        if quarantined:
+            raise AssertionError(f"{quarantined} rows quarantined")
+        return {(robot, seq) for robot, seq in rows}
+
+    def telemetry_problems(self, db: Path, live: bool = False) -> list[str]:
+        # Acknowledged first, then the buffer, then the dashboard: a record forwarded and deleted
+        # between the two reads is at the dashboard by the second.
+        acked = {(robot.robot, seq) for robot in self.robots for seq in set(robot.acked)}
+        problems = []
+        try:
+            held = self.buffered(db, live)
+        except (AssertionError, sqlite3.DatabaseError) as exc:
+            return [f"telemetry buffer: {exc}"]
+        at_dashboard, twice = self.dashboard_held()
+        lost = acked - held - at_dashboard
+        if lost:
+            problems.append(f"{len(lost)} acknowledged records neither buffered nor at the dashboard, e.g. {sorted(lost)[:5]}")
+        if twice:
+            problems.append(f"the dashboard stored records twice: {twice[:5]}")
+        refused = sum(robot.refused for robot in self.robots)
+        if refused:
+            problems.append(f"the gateway refused {refused} records as seq going backwards")
+        return problems
+
+    def dashboard_held(self) -> tuple[set[tuple[str, int]], list]:
+        db = self.site.root / "dashboard-state" / "telemetry.db"
+        if not db.exists():
+            return set(), []
+        rows = [(robot, boot, seq) for robot, boot, seq, kind, _ in dashboard_records(db) if kind != "gap"]
+        twice: list = sorted(row for row, n in Counter(rows).items() if n > 1)
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            counted = dict(conn.execute("SELECT robot_id, records FROM robots").fetchall())
+        finally:
+            conn.close()
+        for robot in ROBOTS:
+            rows_held = sum(1 for row in rows if row[0] == robot)
+            if counted.get(robot, 0) != rows_held:
+                twice.append(f"{robot}: counter {counted.get(robot, 0)}, rows {rows_held}")
+        return {(robot, seq) for robot, _, seq in rows}, twice
+
+    # -- the run ------------------------------------------------------------------------
+
+    def gateway(self):
+        tokens = self.site.tokens
+        return self.site.gateway(STATE_DIR=self.mnt / "state", TOKEN_FILE=tokens["gateway_own"],
+                                 ROBOT_TOKENS_FILE=tokens["robots"], FORWARD_BATCH=50, CACHE_KEEP_VERSIONS=2)
+
+    def start_gateway(self) -> None:
+        self.daemon.start()
+        self.url = self.daemon.url
+
+    def log_phases(self) -> set[str]:
+        """What the gateway and the robots were doing at the instant of the cut."""
+        log = self.daemon.new_log()
+        phases = set()
+        started = {m[1]: m.end() for m in re.finditer(r"downloading app (\S+) \(", log)}
+        for version, at in started.items():
+            if not re.search(rf"(verified app|rejected app) {re.escape(version)}\b", log[at:]):
+                phases.add("release")
+        if any(robot.in_flight for robot in self.robots):
+            phases.add("insert")
+        if self.site.dashboard.running():
+            acked = {(robot.robot, seq) for robot in self.robots for seq in set(robot.acked)}
+            if acked - self.dashboard_held()[0]:
+                phases.add("forward")
+        return phases or {"idle"}
+
+    def note_served(self) -> None:
+        """The highest version the gateway logged serving (it logs after the cache's manifest.json is durable)."""
+        for version in re.findall(r"verified app (\S+) .*serving it to robots", self.daemon.new_log()):
+            if self.served_high is None or Version(version) > Version(self.served_high):
+                self.served_high = version
+
+    def run(self, cuts: int, seconds: float | None = None) -> Report:
+        """`cuts` power cuts, fewer if `seconds` run out first (the report says how many)."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        try:
+            return self._run(cuts, deadline)
+        finally:
+            for robot in self.robots:
+                robot.stop.set()
+            if self.daemon is not None:
+                self.daemon.kill9()
+            self.layer.close()
+
+    def _run(self, cuts: int, deadline: float | None) -> Report:
+        self.layer.mount()
+        (self.mnt / "state").mkdir()  # STATE_DIR exists, durably, as the Debian package lays it out
+        fsync_dir(self.mnt)
+        self.publish("genuine")
+        self.daemon = self.gateway()
+        self.start_gateway()
+        self.daemon.pin_port()  # the robots keep its address across restarts
+        self.daemon.wait_for_log(r"verified app 1\.1\.0", timeout=60)
+        self.robots = [Robot(self, name, self.rng.randrange(1 << 30)) for name in ROBOTS]
+        for robot in self.robots:
+            robot.start()
+        for number in range(1, cuts + 1):
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"time budget spent after {self.report.cuts} cuts", flush=True)
+                break
+            problems = self.one_cut(number)
+            if problems:
+                self.report.violations += problems
+                break
+        if not self.report.violations:
+            self.report.violations += [f"seed {self.seed}, at the end: {p}" for p in self.drain()]
+        self.daemon.kill9()
+        return self.report
+
+    def one_cut(self, number: int) -> list[str]:
+        dashboard = self.site.dashboard
+        if dashboard.running() and self.rng.random() < 0.2:
+            dashboard.stop()  # a WAN outage: the buffer fills
+        elif not dashboard.running() and self.rng.random() < 0.5:
+            dashboard.start()
+        kind = "none"
+        if dashboard.running():
+            kind = self.rng.choices(["none", "genuine", "tampered", "unknown-key"], [3, 5, 1, 1])[0]
+        if kind != "none":
+            version = self.publish(kind)
+            self.daemon.wait_for_log(rf"downloading app {re.escape(version)} |rejected app {re.escape(version)}:", timeout=60)
+        try:  # the cut lands anywhere in the download, verification, inserts or forwarding
+            self.daemon.proc.wait(self.rng.uniform(0.0, 0.6 if kind != "none" else 1.5))
+        except subprocess.TimeoutExpired:
+            pass
+        self.note_served()
+        phases = self.log_phases()
+        self.report.phases.update(phases)
+        self.layer.cut(self.daemon)
+        self.report.cuts += 1
+        problems = self.cache_problems(self.disk / "state") + self.telemetry_problems(self.disk / "state" / "telemetry.db")
+        self.layer.mount()
+        self.start_gateway()
+        after = self.served_problems() + self.telemetry_problems(self.mnt / "state" / "telemetry.db", live=True)
+        problems = [f"seed {self.seed}, cut {number}: {p}" for p in problems]
+        problems += [f"seed {self.seed}, cut {number}, after restart: {p}" for p in after]
+        if self.verbose:
+            print(f"cut {number}: {kind} release, dashboard {'up' if dashboard.running() else 'down'}, "
+                  f"phases {'+'.join(sorted(phases))}, {'torn' if self.layer.lazy.torn else 'whole'} writes lost, "
+                  f"{'VIOLATION' if problems else 'invariants hold'}", flush=True)
+        return problems
+
+    def drain(self) -> list[str]:
+        """Without cuts: the robots' last batches acknowledged, the buffer drained, every record held once."""
+        if not self.site.dashboard.running():
+            self.site.dashboard.start()
+        for robot in self.robots:
+            robot.finishing = True
+        for robot in self.robots:
+            robot.join(60)
+        version = self.publish("genuine")
+        problems = []
+        acked = {(robot.robot, seq) for robot in self.robots for seq in robot.acked}
+        try:
+            wait_until(lambda: acked <= self.dashboard_held()[0], 90, "every acknowledged record at the dashboard")
+            wait_until(lambda: not self.buffered(self.mnt / "state" / "telemetry.db", live=True), 30, "the gateway's buffer drained")
+            self.daemon.wait_for_log(rf"verified app {re.escape(version)} ", timeout=60)
+        except AssertionError as exc:
+            problems.append(str(exc))
+        self.note_served()
+        problems += self.served_problems() + self.telemetry_problems(self.mnt / "state" / "telemetry.db", live=True)
+        sent = {(robot.robot, seq) for robot in self.robots for seq in range(1, robot.next_seq)}
+        extra = self.dashboard_held()[0] - sent
+        if extra:
+            problems.append(f"the dashboard holds records never sent: {sorted(extra)[:5]}")
+        if self.served_high != version:
+            problems.append(f"the gateway serves {self.served_high}, not the last release {version}")
+        return problems
+
+
+def start_gateway_loop(site, seed: int) -> GatewayPowerCuts:
+    site.tokens = write_tokens(site.root, list(ROBOTS))
+    site.start_dashboard(TOKENS_FILE=site.tokens["dashboard"])
+    return GatewayPowerCuts(site, seed)
+
+
+if __name__ == "__main__":
+    sys.exit(soak_main("gateway", start_gateway_loop))
