@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from conftest import otad_release  # noqa: E402
-from fleet import dashboard_records, metric, post_records, write_tokens  # noqa: E402
+from fleet import metric, post_records, write_tokens  # noqa: E402
 from harness import wait_until  # noqa: E402
 from powerloop import PowerLayer, Report, soak_main  # noqa: E402
 from otad.fsutil import fsync_dir  # noqa: E402
@@ -287,13 +287,16 @@ class GatewayPowerCuts:
         db = self.site.root / "dashboard-state" / "telemetry.db"
         if not db.exists():
             return set(), []
-        rows = [(robot, boot, seq) for robot, boot, seq, kind, _ in dashboard_records(db) if kind != "gap"]
-        twice: list = sorted(row for row, n in Counter(rows).items() if n > 1)
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        # One read transaction: the rows and the counters of the same instant.
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
         try:
+            conn.execute("BEGIN")
+            rows = conn.execute("SELECT robot_id, boot_id, seq FROM records WHERE type != 'gap'").fetchall()
             counted = dict(conn.execute("SELECT robot_id, records FROM robots").fetchall())
+            conn.execute("COMMIT")
         finally:
             conn.close()
+        twice: list = sorted(row for row, n in Counter(rows).items() if n > 1)
         for robot in ROBOTS:
             rows_held = sum(1 for row in rows if row[0] == robot)
             if counted.get(robot, 0) != rows_held:
