@@ -6,7 +6,8 @@ telemetry-agent does: a batch is resent whole until the gateway answers 200, and
 acknowledged once `accepted + duplicates` covers it. Each cut: the dashboard may be stopped
 for a stretch (the buffer fills) or started again (it forwards); a release may be published,
 genuine, or hostile (its artifact tampered and published by hand before its manifest, or
-signed by an unknown key); at a random moment of the download, verification, buffer
+signed by an unknown key), or the tampered one repaired (the operator removes its artifact
+and publishes the genuine release of that version); at a random moment of the download, verification, buffer
 inserts or forwarding, the power goes (powerloop.PowerLayer.cut), and the gateway restarts.
 After every cut, on the disk as the cut left it and again after the restart:
 
@@ -15,7 +16,7 @@ After every cut, on the disk as the cut left it and again after the restart:
   one; GET /manifest, /manifest.bundle and /ota/<file> answer only genuine bytes (the
   hostile artifacts 404), the served manifest verifies, and its version never drops below
   what robots were already served; release-floor.json never moves backwards and is never
-  below what is served;
+  below what is served; a genuine release is never refused;
 - the telemetry buffer: every record the gateway acknowledged is in its buffer or at the
   dashboard; the dashboard never stores a record twice (one row per (robot, boot, seq), its
   per-robot `records` counter equal to the rows held), nothing is quarantined or refused.
@@ -119,10 +120,23 @@ class GatewayPowerCuts:
         self.number = 0
         self.verbose = False
         self.stranger: Path | None = None
+        self.tampered: tuple[str, Path] | None = None  # the last release published, if tampered: (version, build)
+        self.repaired: dict[str, int] = {}  # version -> the gateway log's length when it was repaired
 
     # -- releases -----------------------------------------------------------------------
 
     def publish(self, kind: str) -> str:
+        if kind == "repaired":
+            version, out = self.tampered
+            self.repaired[version] = len(self.daemon.log())
+            manifest = json.loads((out / "manifest.json").read_text())
+            (self.site.ota / manifest["artifact"]).unlink()
+            self.hostile.discard(manifest["artifact"])
+            self.genuine[version] = self.release_files(out)
+            self.site.publish(out)
+            self.tampered = None
+            return version
+        self.tampered = None
         self.number += 1
         version = f"1.{self.number}.0"
         size = self.rng.choice([64, 1024, 4096]) * 1024
@@ -136,11 +150,17 @@ class GatewayPowerCuts:
         if kind == "tampered":
             self.hostile.add(manifest["artifact"])
             self.site.publish_tampered(out)
+            self.tampered = (version, out)
             return version
+        self.genuine[version] = self.release_files(out)
         self.site.publish(out)
-        names = (*RELEASE_FILES, manifest["artifact"], manifest["bundle"], manifest["checksum"])
-        self.genuine[version] = {name: (out / name).read_bytes() for name in names}
         return version
+
+    @staticmethod
+    def release_files(out: Path) -> dict[str, bytes]:
+        manifest = json.loads((out / "manifest.json").read_text())
+        names = (*RELEASE_FILES, manifest["artifact"], manifest["bundle"], manifest["checksum"])
+        return {name: (out / name).read_bytes() for name in names}
 
     def stranger_key(self) -> Path:
         if self.stranger is None:
@@ -225,9 +245,20 @@ class GatewayPowerCuts:
                 got = requests.get(f"{self.url}/ota/{name}", timeout=30)
                 if got.status_code == 200 and got.content != data:
                     problems.append(f"GET /ota/{name} of {version} is not the genuine file")
+        problems += self.refusals()
         for name in self.hostile:
             if requests.get(f"{self.url}/ota/{name}", timeout=30).status_code != 404:
                 problems.append(f"GET /ota/{name} serves a hostile artifact")
+        return problems
+
+    def refusals(self) -> list[str]:
+        """A genuine release refused: every one is newer than the last served (a repaired one is the last published)."""
+        log = self.daemon.log()
+        problems = []
+        for match in re.finditer(r"rejected app (\S+): (.*)", log):
+            version = match[1]
+            if version in self.genuine and match.start() > self.repaired.get(version, -1):
+                problems.append(f"refused the genuine release {version}: {match[2][:200]}")
         return problems
 
     def live_floor(self) -> str | None:
@@ -381,7 +412,8 @@ class GatewayPowerCuts:
             dashboard.start()
         kind = "none"
         if dashboard.running():
-            kind = self.rng.choices(["none", "genuine", "tampered", "unknown-key"], [3, 5, 1, 1])[0]
+            kind = self.rng.choices(["none", "genuine", "tampered", "unknown-key", "repaired"],
+                                    [3, 5, 2, 1, 4 if self.tampered else 0])[0]
         if kind != "none":
             version = self.publish(kind)
             self.daemon.wait_for_log(rf"downloading app {re.escape(version)} |rejected app {re.escape(version)}:", timeout=60)
