@@ -5,8 +5,10 @@ Downloads go to `<name>.part` with a `<name>.part.meta` sidecar holding the
 server's ETag; a resume sends `Range` + `If-Range`, so a changed file on the
 server restarts cleanly from zero instead of splicing two versions (the
 truncated part is on disk before `.meta` names the new ETag, so no kill or
-power cut between the two writes can pair old bytes with a new ETag). The file
-is hashed while it arrives; nothing is read twice. Network failures raise
+power cut between the two writes can pair old bytes with a new ETag). A part
+found already complete is kept only if its last byte still answers 206 under
+`If-Range` (a refused part whose deletion a power cut undid must not stand in
+for the file the server has now). The file is hashed while it arrives. Network failures raise
 `TransportError` (the part is kept); a server sending more bytes than the
 signed manifest promised raises `ChecksumMismatch` (the part is deleted).
 
