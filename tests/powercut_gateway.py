@@ -32,14 +32,10 @@ import base64
 import json
 import random
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import requests
@@ -48,9 +44,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from conftest import otad_release  # noqa: E402
-from fleet import metric, post_records, write_tokens  # noqa: E402
+from fleet import write_tokens  # noqa: E402
 from harness import wait_until  # noqa: E402
 from powerloop import PowerLayer, Report, soak_main  # noqa: E402
+from powercut_telemetry import Robot, buffered_records, dashboard_held  # noqa: E402
 from otad.fsutil import fsync_dir  # noqa: E402
 from otad.semver import Version  # noqa: E402
 from otad.trust.keys import load_public_key_files  # noqa: E402
@@ -59,43 +56,6 @@ from otad.trust.verify import TrustAnchors  # noqa: E402
 
 ROBOTS = ("r1", "r2", "r3")
 RELEASE_FILES = ("manifest.json", "manifest.json.bundle")
-
-
-class Robot(threading.Thread):
-    """One robot's telemetry, sent like telemetry-agent: a batch is resent until it is acknowledged."""
-
-    def __init__(self, loop: "GatewayPowerCuts", name: str, seed: int) -> None:
-        super().__init__(daemon=True, name=f"robot-{name}")
-        self.loop, self.robot, self.rng = loop, name, random.Random(seed)
-        self.next_seq = 1
-        self.batch: list[dict] = []
-        self.acked: set[int] = set()
-        self.in_flight = False
-        self.refused = 0
-        self.finishing = False  # the end: no new batches, the last one resent until acknowledged
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            if not self.batch:
-                if self.finishing:
-                    return
-                size = self.rng.choice([1, 1, 5, 20, 60])
-                self.batch = [metric(self.robot, seq) for seq in range(self.next_seq, self.next_seq + size)]
-                self.next_seq += size
-            self.in_flight = True
-            try:
-                reply = post_records(self.loop.url, self.robot, self.batch, timeout=10)
-                answer = reply.json() if reply.status_code == 200 else None
-            except (requests.RequestException, ValueError):
-                answer = None
-            finally:
-                self.in_flight = False
-            if answer is not None and answer["accepted"] + answer["duplicates"] + answer["refused"] == len(self.batch):
-                self.refused += answer["refused"]
-                self.acked |= {record["seq"] for record in self.batch}
-                self.batch = []
-            self.stop.wait(self.rng.uniform(0.01, 0.1) if answer is not None else 0.2)
 
 
 class GatewayPowerCuts:
@@ -115,6 +75,7 @@ class GatewayPowerCuts:
         self.served_high: str | None = None
         self.floor_high: str | None = None
         self.robots: list[Robot] = []
+        self.dashboard_db = site.root / "dashboard-state" / "telemetry.db"
         self.daemon = None
         self.url = ""
         self.number = 0
@@ -271,39 +232,16 @@ class GatewayPowerCuts:
                 time.sleep(0.2)
         return None
 
-    def buffered(self, db: Path, live: bool = False) -> set[tuple[str, int]]:
-        """(robot, seq) of the records in a gateway buffer: the running gateway's (`live`, read-only),
-        or, on the disk as the cut left it, those of a copy (SQLite's recovery must not change the disk)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            if not live:
-                for suffix in ("", "-wal"):
-                    if Path(f"{db}{suffix}").exists():
-                        shutil.copyfile(f"{db}{suffix}", f"{tmp}/telemetry.db{suffix}")
-                db = Path(tmp) / "telemetry.db"
-            if not db.exists():
-                return set()
-            conn = sqlite3.connect(f"file:{db}?mode=ro" if live else db, uri=live, timeout=30)
-            try:
-                rows = conn.execute("SELECT robot_id, seq FROM records WHERE kind != 'gap'").fetchall()
-                quarantined = conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-            except sqlite3.OperationalError:  # no tables yet: the gateway never committed its schema
-                return set()
-            finally:
-                conn.close()
-        if quarantined:
-            raise AssertionError(f"{quarantined} rows quarantined")
-        return {(robot, seq) for robot, seq in rows}
-
     def telemetry_problems(self, db: Path, live: bool = False) -> list[str]:
         # Acknowledged first, then the buffer, then the dashboard: a record forwarded and deleted
         # between the two reads is at the dashboard by the second.
         acked = {(robot.robot, seq) for robot in self.robots for seq in set(robot.acked)}
         problems = []
         try:
-            held = self.buffered(db, live)
+            held = buffered_records(db, live)
         except (AssertionError, sqlite3.DatabaseError) as exc:
             return [f"telemetry buffer: {exc}"]
-        at_dashboard, twice = self.dashboard_held()
+        at_dashboard, twice = dashboard_held(self.dashboard_db, ROBOTS)
         lost = acked - held - at_dashboard
         if lost:
             problems.append(f"{len(lost)} acknowledged records neither buffered nor at the dashboard, e.g. {sorted(lost)[:5]}")
@@ -313,26 +251,6 @@ class GatewayPowerCuts:
         if refused:
             problems.append(f"the gateway refused {refused} records as seq going backwards")
         return problems
-
-    def dashboard_held(self) -> tuple[set[tuple[str, int]], list]:
-        db = self.site.root / "dashboard-state" / "telemetry.db"
-        if not db.exists():
-            return set(), []
-        # One read transaction: the rows and the counters of the same instant.
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
-        try:
-            conn.execute("BEGIN")
-            rows = conn.execute("SELECT robot_id, boot_id, seq FROM records WHERE type != 'gap'").fetchall()
-            counted = dict(conn.execute("SELECT robot_id, records FROM robots").fetchall())
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        twice: list = sorted(row for row, n in Counter(rows).items() if n > 1)
-        for robot in ROBOTS:
-            rows_held = sum(1 for row in rows if row[0] == robot)
-            if counted.get(robot, 0) != rows_held:
-                twice.append(f"{robot}: counter {counted.get(robot, 0)}, rows {rows_held}")
-        return {(robot, seq) for robot, _, seq in rows}, twice
 
     # -- the run ------------------------------------------------------------------------
 
@@ -357,7 +275,7 @@ class GatewayPowerCuts:
             phases.add("insert")
         if self.site.dashboard.running():
             acked = {(robot.robot, seq) for robot in self.robots for seq in set(robot.acked)}
-            if acked - self.dashboard_held()[0]:
+            if acked - dashboard_held(self.dashboard_db, ROBOTS)[0]:
                 phases.add("forward")
         return phases or {"idle"}
 
@@ -388,7 +306,7 @@ class GatewayPowerCuts:
         self.start_gateway()
         self.daemon.pin_port()  # the robots keep its address across restarts
         self.daemon.wait_for_log(r"verified app 1\.1\.0", timeout=60)
-        self.robots = [Robot(self, name, self.rng.randrange(1 << 30)) for name in ROBOTS]
+        self.robots = [Robot(lambda: self.url, name, self.rng.randrange(1 << 30)) for name in ROBOTS]
         for robot in self.robots:
             robot.start()
         for number in range(1, cuts + 1):
@@ -450,15 +368,15 @@ class GatewayPowerCuts:
         problems = []
         acked = {(robot.robot, seq) for robot in self.robots for seq in robot.acked}
         try:
-            wait_until(lambda: acked <= self.dashboard_held()[0], 90, "every acknowledged record at the dashboard")
-            wait_until(lambda: not self.buffered(self.mnt / "state" / "telemetry.db", live=True), 30, "the gateway's buffer drained")
+            wait_until(lambda: acked <= dashboard_held(self.dashboard_db, ROBOTS)[0], 90, "every acknowledged record at the dashboard")
+            wait_until(lambda: not buffered_records(self.mnt / "state" / "telemetry.db", live=True), 30, "the gateway's buffer drained")
             self.daemon.wait_for_log(rf"verified app {re.escape(version)} ", timeout=60)
         except AssertionError as exc:
             problems.append(str(exc))
         self.note_served()
         problems += self.served_problems() + self.telemetry_problems(self.mnt / "state" / "telemetry.db", live=True)
         sent = {(robot.robot, seq) for robot in self.robots for seq in range(1, robot.next_seq)}
-        extra = self.dashboard_held()[0] - sent
+        extra = dashboard_held(self.dashboard_db, ROBOTS)[0] - sent
         if extra:
             problems.append(f"the dashboard holds records never sent: {sorted(extra)[:5]}")
         if self.served_high != version:
