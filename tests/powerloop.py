@@ -33,14 +33,17 @@ class Report:
     seed: int
     cuts: int = 0
     phases: Counter = field(default_factory=Counter)
+    steps: Counter = field(default_factory=Counter)  # cuts aimed at a named step (a frozen daemon)
     torn: int = 0
     violations: list[str] = field(default_factory=list)
     fsyncs: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
         phases = ", ".join(f"{phase} {count}" for phase, count in sorted(self.phases.items()))
+        steps = ", ".join(f"{step} {count}" for step, count in sorted(self.steps.items()))
         return (f"{self.what} power cuts: seed {self.seed}, {self.cuts} cuts ({self.torn} with torn writes); "
-                f"phases at the cut: {phases}; violations: {len(self.violations)}; "
+                f"phases at the cut: {phases}; " + (f"steps: {steps}; " if steps else "") +
+                f"violations: {len(self.violations)}; "
                 f"layer calls: {dict(self.fsyncs)}")
 
 
@@ -66,6 +69,15 @@ def kill_users(mountpoint: Path) -> None:
                 except ProcessLookupError:
                     pass
                 break
+
+
+def stopped(pid: int) -> bool:
+    """True while the process is stopped by a signal (state T), e.g. frozen at a named step."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
 
 
 def tree(root: Path) -> dict[str, bytes]:
