@@ -9,6 +9,7 @@ import os
 import pytest
 
 from lazyfs import LazyMount
+from otad.robot.crashpoints import ROLLBACK_STEPS
 from powercut_robot import RobotPowerCuts
 
 WHY_NOT = LazyMount.available()
@@ -22,13 +23,17 @@ def site(site):
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
 def test_robot_survives_power_cuts_during_installs_and_rollbacks(site):
-    seed = int(os.environ.get("POWER_SEED", "20261203"))
+    """Seed 5 cuts at named steps of an install and of a rollback, and in the rollbacks its recoveries do."""
+    seed = int(os.environ.get("POWER_SEED", "5"))
     report = RobotPowerCuts(site, seed).run(int(os.environ.get("POWER_CUTS", "8")))
     print(report.summary())
     assert report.violations == [], report.summary()
     assert report.cuts == int(os.environ.get("POWER_CUTS", "8"))
-    # The cuts landed inside installs, not only between them.
+    # The cuts landed inside installs, not only between them, and (the default seed) at rollback steps.
     assert sum(n for phase, n in report.phases.items() if phase != "idle") >= 1, report.phases
+    if "POWER_SEED" not in os.environ:
+        assert any(step.partition(" ")[0] in ROLLBACK_STEPS for step in report.steps), report.steps
+        assert any(step.endswith("(in recovery)") for step in report.steps), report.steps
 
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
