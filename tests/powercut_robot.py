@@ -57,6 +57,7 @@ from otad.semver import parse_version  # noqa: E402
 
 MIB = 1024 * 1024
 LINKS = ("CURRENT", "OLD", "NEW")
+VERSION = r"([0-9][^\s;:]*)"  # a version in a log line
 
 
 @dataclass
@@ -189,10 +190,17 @@ class RobotPowerCuts:
             state = None
         return {"state": state, "links": self.links(self.mnt / "app")}
 
-    def installed_blacklisted(self, robot, blacklisted: set[str]) -> str | None:
-        """A release blacklisted (on the disk) before this start, activated or committed since."""
-        for match in re.finditer(r"(?:activated|installed) app ([0-9][^\s;]*)", robot.new_log()):
-            if match[1] in blacklisted:
+    def installed_blacklisted(self, robot) -> str | None:
+        """A release activated or committed after it was blacklisted: by the robot's log (across
+        every start), or on the disk as the last cut left it (the log line may not be written yet)."""
+        logged: set[str] = set()
+        for match in re.finditer(rf"blacklisted app {VERSION}|(?:activated|installed) app {VERSION}", robot.log()):
+            if match[1]:
+                logged.add(match[1])
+            elif match[2] in logged:
+                return f"{match[2]} was blacklisted, and the robot logged {match[0]!r} after it"
+        for match in re.finditer(rf"(?:activated|installed) app {VERSION}", robot.new_log()):
+            if match[1] in self.blacklisted_at_start:
                 return f"{match[1]} was blacklisted before the cut, and the robot logged {match[0]!r} after it"
         return None
 
@@ -328,7 +336,7 @@ class RobotPowerCuts:
         if step.startswith("rb-") and self.phase() == "idle":
             phase = "rolling_back"  # at rb-recorded: the rollback is recorded, not finished (gc, event, log)
         self.report.phases[phase] += 1
-        problem = problem or self.installed_blacklisted(robot, self.blacklisted_at_start)
+        problem = problem or self.installed_blacklisted(robot)
         if frozen is not None:
             self.report.steps[step] += 1
         self.layer.cut(robot)
@@ -398,7 +406,6 @@ class RobotPowerCuts:
         # The gateway offers only its newest release, so a good release cut during its
         # self-test and superseded before the retry is never installed (docs/reliability.md):
         # the robot must converge to a last, good release, published without a cut.
-        blacklisted = set(self.blacklisted)
         newest_good = f"1.{self.report.cuts + 1}.0"
         self.release(newest_good, True, 64 * 1024)
         try:
@@ -406,7 +413,7 @@ class RobotPowerCuts:
                        90, f"convergence to {newest_good}")
         except AssertionError as exc:
             self.report.violations.append(f"seed {self.seed}: {exc} (CURRENT is {current_version(self.mnt / 'app')})")
-        problem = self.recovered_problem(set()) or self.installed_blacklisted(robot, blacklisted)
+        problem = self.recovered_problem(set()) or self.installed_blacklisted(robot)
         if problem:
             self.report.violations.append(f"seed {self.seed}, at the end: {problem}")
 
