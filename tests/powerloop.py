@@ -72,12 +72,17 @@ def kill_users(mountpoint: Path) -> None:
 
 
 def stopped(pid: int) -> bool:
-    """True while the process is stopped by a signal (state T), e.g. frozen at a named step."""
+    """True once every thread of the process is stopped by a signal (state T), e.g. frozen at a
+    named step: a process-wide stop reaches its threads one by one."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] == "T"
+        threads = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in threads:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                states.append(stat.read().rpartition(")")[2].split()[0])
     except (OSError, IndexError):
         return False
+    return bool(states) and all(state == "T" for state in states)
 
 
 def tree(root: Path) -> dict[str, bytes]:

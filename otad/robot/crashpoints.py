@@ -6,12 +6,14 @@ exact instants between the writes of an install or a rollback:
 - OTAD_TEST_CRASH_AT=step: the daemon sends itself SIGKILL on reaching that step, exactly
   what `kill -9` does at that instant (every write in the page cache survives).
 - OTAD_TEST_POWERCUT_DIR=folder: on reaching a step, the daemon removes the file of that
-  name from the folder (e.g. `folder/current-linked`) and, if there was one, sends itself
-  SIGSTOP. The power-cut loop (tests/powercut_robot.py) sees the process stopped (state T
-  in /proc/PID/stat) and cuts the power of the layer under it at that instant (every write
-  not yet durable is lost), then SIGKILLs it. The file is consumed, so the restart after
-  the cut runs the same steps without stopping, and one long-running robot can be aimed
-  at a different step for every cut. The folder must not be on the layer under test.
+  name from the folder (e.g. `folder/current-linked`) and, if there was one, the thread at
+  the step sends itself SIGSTOP (pthread_kill), which stops it before it returns, and the
+  other threads after it. The power-cut loop (tests/powercut_robot.py) waits until every
+  thread is stopped (state T in /proc/PID/task/*/stat), cuts the power of the layer under
+  it at that instant (every write not yet durable is lost), then SIGKILLs it. The file is
+  consumed, so the restart after the cut runs the same steps without stopping, and one
+  long-running robot can be aimed at a different step for every cut. The folder must not
+  be on the layer under test.
 
 Unset in production (the units never set them), they cost two dictionary lookups per step.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 INSTALL_STEPS = (
     "downloaded", "verified", "unpacked", "new-linked", "old-linked", "current-linked", "new-removed",
@@ -40,4 +43,7 @@ def _stop_if_armed(folder: str, step: str) -> None:
         os.unlink(os.path.join(folder, step))  # the test armed this step: consume it, then freeze
     except FileNotFoundError:
         return
-    os.kill(os.getpid(), signal.SIGSTOP)
+    # To this thread, not the process: a stop sent to the process is taken by whichever thread
+    # the kernel wakes for it (the idle main thread), and this one would run on meanwhile,
+    # past the step. Taking it itself, this thread stops before it returns; the others follow.
+    signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
