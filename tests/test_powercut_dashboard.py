@@ -8,8 +8,11 @@ import os
 
 import pytest
 
+from conftest import otad_release
+from fleet import Site
 from lazyfs import LazyMount
 from powercut_dashboard import DashboardPowerCuts
+from powerloop import kill_users
 
 WHY_NOT = LazyMount.available()
 
@@ -37,3 +40,26 @@ def test_a_cut_as_publish_renames_the_manifest_in_leaves_a_served_pair(site):
     report = DashboardPowerCuts(site, 1, targets=(("moved", "manifest.json"),)).run(3)
     assert report.violations == [], report.summary()
     assert report.phases["renamed manifest.json"] >= 1, report.phases
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
+def test_an_ota_dir_that_publish_made_survives_a_power_cut(tmp_path, keypair):
+    """`otad-release publish --to` a folder that does not exist yet exits 0, then the power goes.
+
+    Before the fix publish made the folder with mkdir and never fsynced its parent: the cut
+    took OTA_DIR away with the release in it, though publish had reported success.
+    """
+    site = Site(tmp_path, *keypair)
+    out = site.build("1.0.0")
+    layer = LazyMount(tmp_path / "disk", tmp_path / "fs")
+    layer.mount()
+    try:
+        result = otad_release("publish", "--from", str(out), "--to", str(tmp_path / "fs" / "srv" / "ota"))
+        assert result.returncode == 0, result.stderr
+        layer.crash()
+    finally:
+        kill_users(tmp_path / "fs")
+        layer.unmount()
+    verified = otad_release("verify", "--key", str(site.pub), "--manifest", str(tmp_path / "disk" / "srv" / "ota" / "manifest.json"))
+    assert verified.returncode == 0, verified.stderr
+    assert "verified app-v1.0.0.tar.gz" in verified.stdout
