@@ -60,6 +60,7 @@ from powerloop import PowerLayer, Report, soak_main  # noqa: E402
 from otad.dashboard.ota import OtaFolder  # noqa: E402
 from otad.errors import OtadError  # noqa: E402
 from otad.fsutil import fsync_dir  # noqa: E402
+from otad.manifest_pair import BUNDLE_NEXT, MANIFEST_NEXT  # noqa: E402
 from otad.semver import parse_version  # noqa: E402
 from otad.trust.keys import load_public_key_files  # noqa: E402
 from otad.trust.manifest import parse_manifest  # noqa: E402
@@ -71,9 +72,11 @@ with warnings.catch_warnings():
     import pyinotify  # noqa: E402
 
 SIZES = (16 * 1024, 256 * 1024, 2 * 1024 * 1024, 8 * 1024 * 1024)
-# The steps of a publish that a targeted cut may land on: (inotify event, file name role).
+# The steps of a publish that a targeted cut may land on: (inotify event, file name or its role). The
+# staged pair's names (otad.manifest_pair) are written by publish since the fix of the publish order.
 TARGETS = (("create", "artifact"), ("moved", "artifact"), ("create", "signature"), ("create", "checksum"),
-           ("create", MANIFEST_BUNDLE), ("moved", MANIFEST_BUNDLE), ("create", MANIFEST), ("moved", MANIFEST))
+           ("create", BUNDLE_NEXT), ("create", MANIFEST_NEXT), ("moved", MANIFEST_NEXT),
+           ("moved", MANIFEST_BUNDLE), ("moved", MANIFEST))
 KEEP_RELEASES = 3  # older releases are deleted from OTA_DIR, as an operator would, to bound the layer's memory
 
 
@@ -121,6 +124,17 @@ class PublishWatch:
             if self.target == (kind, role) and not self.fired.is_set():
                 os.kill(self.victim, signal.SIGSTOP)  # the power goes at this instant
                 self.fired.set()
+
+
+class Killable:
+    """A plain process as PowerLayer.cut kills its daemons."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 class Poster(threading.Thread):
@@ -361,9 +375,9 @@ class DashboardPowerCuts:
                                                   f"{errors.read().decode(errors='replace').strip()}")
                 self.durable, self.in_flight = data, None
                 phase = "after publish"
-            self.layer.cut(self.site.dashboard)
-            proc.kill()
-            proc.wait()
+            # The publisher dies with the power: left running between two files it holds nothing open on
+            # the mount, and would write into the bare mount point once the layer is gone.
+            self.layer.cut(self.site.dashboard, Killable(proc))
         return phase
 
     def ingest_cut(self) -> str:

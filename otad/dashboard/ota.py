@@ -8,7 +8,7 @@ the manifest. Either way a new manifest is parsed with the one manifest reader
 before it replaces the current one: a malformed file is logged and ignored.
 
 manifest.json.bundle (its signature) is read together with it and served as
-one pair from memory. Which two files form the pair is otad.trust.published's
+one pair from memory. Which two files form the pair is otad.manifest_pair's
 answer: publish stages the new pair and renames it in, and a publish cut after
 its commit point leaves the staged manifest with the new bundle, served as the
 pair (it is what the next publish finishes). A bundle that names another
@@ -33,7 +33,7 @@ from otad.transfer.http import Validators, content_etag
 from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest
-from otad.trust.published import BUNDLE_NEXT, MANIFEST_NEXT, pair_names
+from otad.manifest_pair import BUNDLE_NEXT, MANIFEST_NEXT, pair_names
 
 log = logging.getLogger("otad.dashboard")
 

@@ -5,7 +5,7 @@ and sign the manifest (manifest.json.bundle, same signer as the artifact).
 publish: copy a built release into the dashboard's OTA folder so that a
 poller never sees a manifest whose files are missing or half written: the
 artifacts first (each by rename, durable), then manifest.json with its bundle
-as one durable step (otad.trust.published), in OUT as in OTA_DIR.
+as one durable step (otad.manifest_pair), in OUT as in OTA_DIR.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from otad.trust.manifest import (
     utc_timestamp,
 )
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest, check_release_names
-from otad.trust.published import finish_manifest_pair, pair_names, write_manifest_pair
+from otad.manifest_pair import finish_manifest_pair, pair_names, write_manifest_pair
 from otad.trust.verify import check_checksum_file, check_digest
 
 DEFAULT_EXPIRES_DAYS = 30.0
