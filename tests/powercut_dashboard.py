@@ -25,26 +25,22 @@ the dashboard's restart:
 - every batch the dashboard acknowledged (2xx) is in telemetry.db exactly once, and
   the database passes integrity_check; the dashboard restarts cleanly each time.
 
+The publisher's steps and the posters are in tests/powercut_drivers.py.
 Each mount draws, from the seed, whether it tears writes. Run:
 `python tests/powercut_dashboard.py` (POWER_CUTS, POWER_SEED, POWER_SECONDS, see
 tests/powerloop.py); tests/test_powercut_dashboard.py runs a short one.
 """
 from __future__ import annotations
 
-import gzip
 import json
-import logging
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -54,22 +50,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from conftest import BIN, otad_release  # noqa: E402
-from fleet import GATEWAY_TOKEN, dashboard_records, metric, write_tokens  # noqa: E402
+from fleet import dashboard_records, write_tokens  # noqa: E402
 from harness import wait_until  # noqa: E402
+from powercut_drivers import Killable, Poster, PublishWatch  # noqa: E402
 from powerloop import PowerLayer, Report, soak_main  # noqa: E402
 from otad.dashboard.ota import OtaFolder  # noqa: E402
 from otad.errors import OtadError  # noqa: E402
 from otad.fsutil import fsync_dir  # noqa: E402
 from otad.manifest_pair import BUNDLE_NEXT, MANIFEST_NEXT  # noqa: E402
-from otad.semver import parse_version  # noqa: E402
 from otad.trust.keys import load_public_key_files  # noqa: E402
 from otad.trust.manifest import parse_manifest  # noqa: E402
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, verify_manifest  # noqa: E402
 from otad.trust.verify import TrustAnchors, verify_artifact  # noqa: E402
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)  # pyinotify imports asyncore
-    import pyinotify  # noqa: E402
 
 SIZES = (16 * 1024, 256 * 1024, 2 * 1024 * 1024, 8 * 1024 * 1024)
 # The steps of a publish that a targeted cut may land on: (inotify event, file name or its role). The
@@ -78,96 +70,6 @@ TARGETS = (("create", "artifact"), ("moved", "artifact"), ("create", "signature"
            ("create", BUNDLE_NEXT), ("create", MANIFEST_NEXT), ("moved", MANIFEST_NEXT),
            ("moved", MANIFEST_BUNDLE), ("moved", MANIFEST))
 KEEP_RELEASES = 3  # older releases are deleted from OTA_DIR, as an operator would, to bound the layer's memory
-
-
-class PublishWatch:
-    """inotify on OTA_DIR through the mount: the publish's steps as they happen, and a cut armed on one."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.roles: dict[str, str] = {}
-        self.last = "publish starting"
-        self.target: tuple[str, str] | None = None
-        self.victim: int | None = None
-        self.fired = threading.Event()
-        self.notifier = None
-
-    def start(self, folder: Path) -> None:
-        manager = pyinotify.WatchManager()
-        manager.add_watch(str(folder), pyinotify.IN_CREATE | pyinotify.IN_MOVED_TO)
-        logging.getLogger("pyinotify").handlers.clear()
-        self.notifier = pyinotify.ThreadedNotifier(manager, self._event)
-        self.notifier.daemon = True
-        self.notifier.start()
-
-    def stop(self) -> None:
-        if self.notifier is not None:
-            self.notifier.stop()
-            self.notifier = None
-
-    def arm(self, roles: dict[str, str], target: tuple[str, str] | None, victim: int | None) -> None:
-        with self.lock:
-            self.roles, self.target, self.victim = roles, target, victim
-            self.last = "publish starting"
-            self.fired.clear()
-
-    def _event(self, event) -> None:
-        kind = "create" if event.mask & pyinotify.IN_CREATE else "moved"
-        name = event.name or ""
-        if kind == "create" and name.startswith(".") and name.endswith(".tmp"):
-            name = name[1:-4].rsplit(".", 1)[0]  # fsutil's temp file beside NAME: .NAME.XXXXXX.tmp
-        role = self.roles.get(name, name)
-        with self.lock:
-            if self.victim is None:
-                return
-            self.last = f"{'copying' if kind == 'create' else 'renamed'} {role}"
-            if self.target == (kind, role) and not self.fired.is_set():
-                os.kill(self.victim, signal.SIGSTOP)  # the power goes at this instant
-                self.fired.set()
-
-
-class Killable:
-    """A plain process as PowerLayer.cut kills its daemons."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-
-    def kill9(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-class Poster(threading.Thread):
-    """A gateway's forwarder as the dashboard sees it: numbered rows in batches, resent until acknowledged."""
-
-    def __init__(self, loop: "DashboardPowerCuts", buffer_id: str, robot: str, seed: int) -> None:
-        super().__init__(daemon=True, name=f"poster-{robot}")
-        self.loop, self.buffer_id, self.robot = loop, buffer_id, robot
-        self.rng = random.Random(seed)
-        self.acked = 0  # the highest row the dashboard acknowledged with a 2xx
-        self.refusals: list[str] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            first = self.acked + 1
-            rows = range(first, first + self.rng.randint(1, 20))
-            payload = {"gateway_id": "gw", "buffer_id": self.buffer_id, "backlog": 0, "quarantined": 0,
-                       "records": [{"id": row, "received": 1.0, "record": metric(self.robot, row)} for row in rows]}
-            body = gzip.compress(json.dumps(payload, separators=(",", ":")).encode())
-            headers = {"Authorization": f"Bearer {GATEWAY_TOKEN}", "Content-Type": "application/json",
-                       "Content-Encoding": "gzip"}
-            try:
-                answer = requests.post(f"{self.loop.url}/metrics", data=body, headers=headers, timeout=5)
-            except requests.RequestException:
-                self.stopping.wait(0.05)  # the dashboard is down: retry, as the forwarder does
-                continue
-            if answer.status_code == 200:
-                self.acked = max(self.acked, answer.json()["acked"])
-            elif answer.status_code < 500:
-                self.refusals.append(f"{self.robot}: HTTP {answer.status_code} {answer.text.strip()[:200]}")
-                return
-            self.stopping.wait(self.rng.uniform(0.0, 0.1))
 
 
 class DashboardPowerCuts:
@@ -418,8 +320,8 @@ class DashboardPowerCuts:
         fsync_dir(self.mnt)
         self.start_dashboard()
         self.gateway = self.site.gateway(dashboard_url=self.url, name="gw-follow").start()
-        self.posters = [Poster(self, "a1", "ra", self.rng.randrange(1 << 30)),
-                        Poster(self, "b2", "rb", self.rng.randrange(1 << 30))]
+        self.posters = [Poster(lambda: self.url, "a1", "ra", self.rng.randrange(1 << 30)),
+                        Poster(lambda: self.url, "b2", "rb", self.rng.randrange(1 << 30))]
         for poster in self.posters:
             poster.start()
         self.watch.start(self.mnt / "ota")
