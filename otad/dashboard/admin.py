@@ -23,6 +23,7 @@ from typing import Any
 from otad.dashboard.ingest import IngestError, authenticate
 from otad.dashboard.rollout_page import render_rollout, render_rollouts
 from otad.dashboard.rollouts import ACTIONS, RolloutDesk, RolloutError
+from otad.strictjson import loads_strict
 from otad.telemetry.tokens import TokenTable
 
 MAX_ADMIN_BODY = 64 * 1024
@@ -111,20 +112,4 @@ def read_json(environ: dict, empty: Any = None) -> Any:
     body = environ["wsgi.input"].read(int(length))
     if not body and empty is not None:
         return empty
-    try:
-        return json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except RolloutError:
-        raise
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise RolloutError("body is not valid JSON") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise RolloutError("body has a duplicate key")
-    return doc
-
-
-def _no_constant(name: str) -> Any:
-    raise RolloutError(f"body holds {name}, which is not JSON")
+    return loads_strict(body, RolloutError, "body")

@@ -19,6 +19,7 @@ from typing import Any
 
 from otad.errors import MalformedMetadata
 from otad.semver import Version
+from otad.strictjson import loads_strict
 from otad.trust.manifest import timestamp_epoch
 
 SCHEMA = 1
@@ -91,13 +92,7 @@ def parse_plan(data: bytes) -> Plan:
     if len(data) > MAX_PLAN_BYTES:
         raise PlanError(f"plan is larger than {MAX_PLAN_BYTES} bytes")
     _check_depth(data)
-    try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except PlanError:
-        raise
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise PlanError("plan is not valid JSON") from None
-    return plan_from_doc(doc)
+    return plan_from_doc(loads_strict(data, PlanError, "plan"))
 
 
 def plan_from_doc(doc: Any) -> Plan:
@@ -311,17 +306,6 @@ def _version(text: str, field: str) -> str:
     except MalformedMetadata:
         raise PlanError(f"plan field '{field}' has an invalid version {text[:40]!r}") from None
     return text
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise PlanError("plan has a duplicate key (readers would disagree on its value)")
-    return doc
-
-
-def _no_constant(name: str) -> Any:
-    raise PlanError(f"plan holds {name}, which is not JSON")
 
 
 def _check_depth(data: bytes) -> None:
