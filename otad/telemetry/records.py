@@ -20,7 +20,8 @@ from otad.errors import OtadError
 MAX_BODY_BYTES = 1024 * 1024
 MAX_RECORDS = 1000
 HEALTH = ("ok", "degraded", "failed")
-EVENTS = ("installed", "rolled_back", "blacklisted", "rejected", "started", "gap")
+EVENTS = ("installed", "committed", "rolled_back", "blacklisted", "rejected", "started", "gap")
+MAX_PHASE = 15  # otad.rollout.plan.MAX_PHASES - 1
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _BOOT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 _TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
@@ -92,6 +93,7 @@ def validate_record(doc: object, where: str = "record") -> dict:
         if len(detail) > 2000:
             raise RecordError(f"{where}: field 'detail' is longer than 2000 characters")
         clean["detail"] = detail
+        _rollout_fields(doc, clean, where)
     elif kind == "dropped":
         dropped = _require(doc, "dropped", int, where)
         if not 0 < dropped < MAX_SEQ:
@@ -100,6 +102,17 @@ def validate_record(doc: object, where: str = "record") -> dict:
     else:
         raise RecordError(f"{where}: unknown type {kind[:40]!r}")
     return clean
+
+
+def _rollout_fields(doc: dict, clean: dict, where: str) -> None:
+    """An update event of a staged rollout names it: `rollout_id` and `phase` (0-based), both or neither."""
+    if "rollout_id" not in doc and "phase" not in doc:
+        return
+    clean["rollout_id"] = _matching(doc, "rollout_id", _ID, where)
+    phase = _require(doc, "phase", int, where)
+    if not 0 <= phase <= MAX_PHASE:
+        raise RecordError(f"{where}: field 'phase' must be 0 to {MAX_PHASE}")
+    clean["phase"] = phase
 
 
 def parse_batch(body: bytes, max_bytes: int = MAX_BODY_BYTES, max_records: int = MAX_RECORDS) -> list[dict]:
