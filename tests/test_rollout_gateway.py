@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class FleetSide:
         self.items: list[dict] = []
         self.body: bytes | None = None  # raw Wire 1 body instead of `items` (hostile bodies)
         self.reports: list[dict] = []
+        self.polls = 0
         self.report_auth: set[str] = set()
         fleet = self
 
@@ -60,6 +62,7 @@ class FleetSide:
 
             def do_GET(self):
                 if self.path == "/rollouts.json":
+                    fleet.polls += 1
                     body = fleet.body if fleet.body is not None else json.dumps({"plans": fleet.items}).encode()
                     self._answer(200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
                     return
@@ -163,15 +166,24 @@ def rollsite(site, role_keys, tmp_path):
 
 
 def take_first_plan(s: RolloutSite, **plan) -> None:
-    """Gateway on 1.0.0, robots report 1.0.0, the plan is taken, then 2.0.0 is published and cached."""
-    s.fleet.items = [s.item(**plan)]
+    """Gateway on 1.0.0, robots report 1.0.0, 2.0.0 is published and cached, then the plan is taken."""
     gw = s.start()
     gw.wait_for_log(r"verified app 1\.0\.0")
     for robot in ROBOTS:
         s.report(robot)  # version 1.0.0
-    gw.wait_for_log(rf"rollout {ROLLOUT}: took revision 1")
     s.site.release("2.0.0")
-    gw.wait_for_log(r"verified app 2\.0\.0")
+    gw.wait_for_log(r"verified app 2\.0\.0")  # no robot asks before the plan is there
+    s.fleet.items = [s.item(**plan)]
+    gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: started")
+
+
+def soaked(s: RolloutSite, phase: int, soak: int) -> None:
+    """Wait until `phase` soaked `soak` seconds here and the gateway polled twice since: a next phase
+    that was going to start has started by then."""
+    started = float(s.site_state()["rollouts"][ROLLOUT]["started"][str(phase)])
+    wait_until(lambda: time.time() > started + soak, soak + 30, f"phase {phase}'s soak to end")
+    polls = s.fleet.polls
+    wait_until(lambda: s.fleet.polls >= polls + 2, 30, "two more polls")
 
 
 def two_phases(soak: int, **extra) -> dict:
@@ -256,28 +268,39 @@ def test_a_site_halts_on_its_canarys_rollback_with_the_dashboard_unreachable(rol
     assert "phase 0 at site gw: 1 failed" in report["halted"]["reason"]
     assert report["phases"][0]["halted_at"] == report["halted"]["at"] and report["phases"][1]["started_at"] is None
     assert report["phases"][0]["counts"] == {"attempts": 2, "committed": 1, "failed": 1}
-    assert not s.started(1) and s.served("r5") == "1.0.0"  # soaked long ago, and it still goes no further
+    soaked(s, 0, 5)
+    assert not s.started(1) and s.served("r5") == "1.0.0"  # soaked, and it still goes no further
 
 
 @pytest.mark.parametrize("policy", ["hold", "continue"])
 def test_a_dark_site_holds_or_continues_up_to_offline_max_phase(rollsite, policy):
+    """Dark for longer than the soak: `hold` starts no phase until the dashboard is heard from again;
+    `continue` starts phase 1 on its own and stops at offline_max_phase 1. A phase's start time says when
+    it started, so one that started in the dark would be dated before the WAN came back."""
     s = rollsite
-    phases = [{"robots": [r], "percent": 0, "min_soak_s": 1, "advance": "auto", "halt": {}} for r in ("r1", "r2", "r3")]
+    phases = [{"robots": [r], "percent": 0, "min_soak_s": soak, "advance": "auto", "halt": {}}
+              for r, soak in (("r1", 4), ("r2", 1), ("r3", 1))]
     s.fleet.items = [s.item(phases=phases, offline_policy=policy, offline_max_phase=1, on_halt="pause")]
     gw = s.start()
-    for robot in ROBOTS:
-        s.report(robot)
     gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: started")
     s.wan.refuse(True)
+    started0 = wait_until(lambda: (s.state / "site.json").exists() and s.site_state()["rollouts"][ROLLOUT]["started"].get("0"),
+                          10, "phase 0's start time on disk")
     if policy == "hold":
         gw.wait_for_log(r"offline_policy=hold: no new phase")
-        assert not s.started(1)
-        s.wan.refuse(False)
-        wait_until(lambda: s.started(1), 20, "phase 1 to start once the dashboard is heard from")
     else:
         gw.wait_for_log(rf"rollout {ROLLOUT} phase 1: started")
         gw.wait_for_log(r"phase 2 is beyond offline_max_phase 1")
-        assert not s.started(2)
+    wait_until(lambda: time.time() > started0 + 4 + 1 + 4, 30, "the dark site to be past both soaks and a few polls")
+    back = time.time()
+    s.wan.refuse(False)
+    wait_until(lambda: s.started(2), 30, "the phases to go on once the dashboard is heard from")
+    started = {int(k): v for k, v in s.site_state()["rollouts"][ROLLOUT]["started"].items()}
+    assert started[2] >= back
+    if policy == "hold":
+        assert started[1] >= back
+    else:
+        assert started0 + 4 <= started[1] < back
 
 
 def test_an_old_revision_replayed_by_the_dashboard_url_is_refused_also_after_a_restart(rollsite):
@@ -366,3 +389,63 @@ def test_a_rollout_key_that_is_also_a_release_key_is_refused_at_config_check(sit
     result = run_command("otad-gateway", "--config", str(config), "--check-config")
     assert result.returncode == 1
     assert "ROLLOUT_KEYS" in result.stderr and "is also a release key" in result.stderr
+
+
+def test_gc_never_evicts_a_version_a_current_plan_assigns(rollsite):
+    """CACHE_KEEP_VERSIONS=1 would evict 1.0.0 once 2.0.0 is cached; the plan moves robots from 1.0.0
+    (and on_halt=rollback returns them there), so it stays and robots waiting for their phase get it."""
+    s = rollsite
+    s.fleet.items = [s.item(**two_phases(soak=3600, on_halt="rollback"))]
+    gw = s.start(CACHE_KEEP_VERSIONS=1)
+    gw.wait_for_log(r"verified app 1\.0\.0")
+    gw.wait_for_log(rf"rollout {ROLLOUT}: took revision 1")
+    s.site.release("2.0.0")
+    gw.wait_for_log(r"verified app 2\.0\.0")
+    s.site.release("2.1.0")  # beyond the plan: GC may take the older unassigned versions, never 1.0.0 or 2.0.0
+    gw.wait_for_log(r"verified app 2\.1\.0")
+    files = {p.name for p in (s.root / "gw-state" / "cache" / "files").iterdir()}
+    assert {"app-v1.0.0.tar.gz", "app-v2.0.0.tar.gz", "app-v2.1.0.tar.gz"} <= files, files
+    for robot in ROBOTS:
+        s.report(robot)
+    assert s.served("r3") == "1.0.0" and s.served("r1") == "2.0.0"
+
+
+def test_a_fleet_abort_wins_over_the_sites_own_advance(rollsite):
+    s = rollsite
+    plan = two_phases(soak=6, on_halt="rollback")
+    take_first_plan(s, **plan)
+    wait_until(lambda: s.served("r1") == "2.0.0", 20, "the canary to be given 2.0.0")
+    s.report("r1", version="2.0.0")
+    s.event("r1", "committed", 0)
+    s.fleet.items = [s.item(**plan, revision=2, state="aborted", reason="phase 0 fleet-wide: 3 failed")]
+    s.gw.wait_for_log(rf"rollout {ROLLOUT}: took revision 2 \(aborted")
+    s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: rollout {ROLLOUT} is aborted: phase 0 fleet-wide: 3 failed")
+    assert s.served("r1") == "1.0.0"  # on_halt=rollback: back to where it came from
+    soaked(s, 0, 6)
+    assert not s.started(1) and s.served("r3") == "1.0.0"
+    report = wait_until(lambda: (r := s.fleet.latest_report()) and r["revision"] == 2 and r, 20, "the report of revision 2")
+    assert report["phases"][1]["started_at"] is None
+
+
+def test_hostile_wire1_bodies_are_refused_and_the_kept_plan_stays(rollsite):
+    """tests/corpus/wire1-cases.json through a real gateway, plus cases signed now: each is refused with
+    its one-line reason, the gateway keeps running and keeps carrying out the plan it had."""
+    s = rollsite
+    take_first_plan(s, **two_phases(soak=3600))
+    corpus = Path(__file__).parent / "corpus"
+    cases = [(c["id"], (corpus / c["file"]).read_bytes(), c["expect"]) for c in json.loads((corpus / "wire1-cases.json").read_text())]
+    good = s.item(**two_phases(soak=3600), revision=3)
+    pretty = {**good, "plan": json.dumps(json.loads(good["plan"]), indent=1)}
+    expired = s.item(**two_phases(soak=3600), revision=3, expires="2020-01-01T00:00:00Z")
+    tampered = {**good, "plan": good["plan"].replace('"min_soak_s":3600', '"min_soak_s":0')}
+    cases += [("non-canonical", json.dumps({"plans": [pretty]}).encode(), "not in canonical form"),
+              ("expired", json.dumps({"plans": [expired]}).encode(), "expired at 2020-01-01T00:00:00Z"),
+              ("tampered", json.dumps({"plans": [tampered]}).encode(), "the bundle signs other bytes than this plan")]
+    for case, body, expect in cases:
+        offset = len(s.gw.log())
+        s.fleet.body = body
+        wait_until(lambda: expect in s.gw.log()[offset:], 20, f"case {case}: the gateway to log {expect!r}")
+        assert s.gw.running(), case
+    plans = requests.get(f"{s.gw.url}/rollout.json", headers={"Authorization": f"Bearer {robot_token('r1')}"}, timeout=5).json()
+    assert [json.loads(p["plan"])["revision"] for p in plans["plans"]] == [1]
+    assert s.served("r1") == "2.0.0" and s.served("r3") == "1.0.0"

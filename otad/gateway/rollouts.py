@@ -66,6 +66,7 @@ class Rollouts:
         self.seen = self.files.load_seen()
         self.state = self.files.load_site()
         self.current: dict[str, Current] = {}
+        self._last_body: bytes | None = None
         for item in self.files.load_plans():
             verified = self._verify(item, now, "kept")
             if verified is not None:
@@ -78,10 +79,16 @@ class Rollouts:
     def configure(self, rollout_keys: tuple[PublicKey, ...], release_keys: tuple[PublicKey, ...]) -> None:
         with self._lock:
             self.rollout_keys, self.release_keys = rollout_keys, release_keys
+            self._last_body = None  # a key added may make a refused plan acceptable
 
     # -- Wire 1 -------------------------------------------------------------------------
     def take_plans(self, body: bytes, now: float) -> None:
-        """The dashboard's /rollouts.json: keep every item that verifies and is not a replay."""
+        """The dashboard's /rollouts.json: keep every item that verifies and is not a replay.
+        The same body as last time is not looked at again (nor its refusals logged again)."""
+        digest = hashlib.sha256(body).digest()
+        if digest == self._last_body:
+            return
+        self._last_body = digest
         try:
             doc = json.loads(body)
             items = doc["plans"] if isinstance(doc, dict) else None
@@ -96,14 +103,16 @@ class Rollouts:
         with self._lock:
             changed = False
             for n, item in enumerate(items):
-                verified = self._verify(item, now, f"item {n} of rollouts.json") if isinstance(item, dict) else None
-                if verified is not None and self._accept(item, verified):
+                verified = self._verify(item, now, f"item {n} of rollouts.json")
+                if verified is not None and isinstance(item, dict) and self._accept(item, verified):
                     changed = True
             if changed:
                 self.files.save_plans([c.item for c in self.current.values()])
 
-    def _verify(self, item: dict, now: float, where: str) -> VerifiedPlan | None:
+    def _verify(self, item: object, now: float, where: str) -> VerifiedPlan | None:
         try:
+            if not isinstance(item, dict):
+                raise ValueError("an item must be a JSON object")
             text, bundle = item.get("plan"), item.get("bundle")
             if not isinstance(text, str) or not isinstance(bundle, dict):
                 raise ValueError("an item needs 'plan' (a string) and 'bundle' (an object)")
@@ -139,39 +148,49 @@ class Rollouts:
 
     # -- phase decisions ----------------------------------------------------------------
     def decide(self, now: float, online: bool) -> bool:
-        """One decision per current plan; returns True when anything changed (and was persisted)."""
+        """One decision per current plan; returns True when anything changed. A decision is
+        persisted before it is logged, and before the edge (which takes the same lock) acts on it."""
         with self._lock:
+            lines: list[tuple[int, str]] = []
             changed = False
             for rid, current in sorted(self.current.items()):
-                plan = current.plan
-                rec = self.state.rollouts.setdefault(rid, RolloutRecord())
-                evidence = self._evidence(plan, rec, now)
-                progress, started = advance(plan, rec.started, evidence, now, site=self.site, online=online)
-                if progress.advance:
-                    rec.started = started
-                    rec.reasons[progress.opened] = progress.waiting
-                    log.info("rollout %s phase %d: started at site %s: %s", rid, progress.opened, self.site, progress.waiting)
-                    changed = True
-                if progress.halt is not None and rec.halted is None:
-                    rec.halted = {"at": now, "reason": progress.halt.reason, "phase": progress.halt.phase,
-                                  "state": progress.halt.state, "revision": plan.revision}
-                    rec.reasons[progress.halt.phase] = progress.halt.reason
-                    log.warning("rollout %s phase %d: site %s halted (%s): %s", rid, progress.halt.phase, self.site,
-                                "robots on the target return" if progress.halt.state == "aborted" else "robots keep what they have",
-                                progress.halt.reason)
-                    changed = True
-                elif progress.halt is None and rec.halted is not None and plan.state == "active" \
-                        and plan.revision != rec.halted.get("revision"):
-                    log.info("rollout %s phase %d: revision %d lifts the site halt (%s)", rid, rec.halted["phase"],
-                             plan.revision, progress.waiting)
-                    rec.halted = None
-                    changed = True
-                if not progress.advance and progress.halt is None and progress.next_at is None and progress.waiting != rec.said:
-                    log.info("rollout %s phase %d: %s", rid, max(progress.opened - 1, 0), progress.waiting)
-                rec.said = progress.waiting if progress.next_at is None else rec.said
+                before = self._record(rid)
+                lines += self._decide(rid, current.plan, now, online)
+                changed |= self._record(rid) != before
             if changed:
                 self.files.save_site(self.state)
+            for level, line in lines:
+                log.log(level, "%s", line)
             return changed
+
+    def _record(self, rid: str) -> tuple:
+        rec = self.state.rollouts.get(rid)
+        return (dict(rec.started), rec.halted) if rec is not None else ({}, None)
+
+    def _decide(self, rid: str, plan: Plan, now: float, online: bool) -> list[tuple[int, str]]:
+        rec = self.state.rollouts.setdefault(rid, RolloutRecord())
+        progress, started = advance(plan, rec.started, self._evidence(plan, rec, now), now, site=self.site, online=online)
+        lines = []
+        if progress.advance:
+            rec.started = started
+            rec.reasons[progress.opened] = progress.waiting
+            lines.append((logging.INFO, f"rollout {rid} phase {progress.opened}: started at site {self.site}: {progress.waiting}"))
+        if progress.halt is not None and rec.halted is None:
+            halt = progress.halt
+            rec.halted = {"at": now, "reason": halt.reason, "phase": halt.phase, "state": halt.state, "revision": plan.revision}
+            rec.reasons[halt.phase] = halt.reason
+            then = "robots on the target return" if halt.state == "aborted" else "robots keep what they have"
+            lines.append((logging.WARNING, f"rollout {rid} phase {halt.phase}: site {self.site} halted ({then}): {halt.reason}"))
+        elif progress.halt is None and rec.halted is not None and plan.state == "active" \
+                and plan.revision != rec.halted.get("revision"):
+            lines.append((logging.INFO, f"rollout {rid} phase {rec.halted['phase']}: revision {plan.revision} lifts "
+                                        f"the site halt ({progress.waiting})"))
+            rec.halted = None
+        if not progress.advance and progress.halt is None and progress.next_at is None and progress.waiting != rec.said:
+            # A stable reason (held, waiting for approval, stopped) once; not a soak's countdown.
+            rec.said = progress.waiting
+            lines.append((logging.INFO, f"rollout {rid} phase {max(progress.opened - 1, 0)}: {progress.waiting}"))
+        return lines
 
     def _evidence(self, plan: Plan, rec: RolloutRecord, now: float):
         return tally(plan, (replace(e, site=self.site) for e in rec.events), now)
