@@ -449,3 +449,22 @@ def test_hostile_wire1_bodies_are_refused_and_the_kept_plan_stays(rollsite):
     plans = requests.get(f"{s.gw.url}/rollout.json", headers={"Authorization": f"Bearer {robot_token('r1')}"}, timeout=5).json()
     assert [json.loads(p["plan"])["revision"] for p in plans["plans"]] == [1]
     assert s.served("r1") == "2.0.0" and s.served("r3") == "1.0.0"
+
+
+def test_every_wire1_corpus_file_has_a_row_and_every_row_a_file():
+    corpus = Path(__file__).parent / "corpus"
+    rows = {c["file"] for c in json.loads((corpus / "wire1-cases.json").read_text())}
+    files = {f"wire1/{p.name}" for p in (corpus / "wire1").iterdir()}
+    assert rows == files
+
+
+def test_an_approve_phase_waits_for_the_operators_signed_approval(rollsite):
+    s = rollsite
+    plan = two_phases(soak=0)
+    plan["phases"][0]["advance"] = "approve"
+    take_first_plan(s, **plan)
+    s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: phase 1 waits for an operator's approval")
+    assert not s.started(1) and s.served("r3") == "1.0.0"
+    s.fleet.items = [s.item(**plan, revision=2, approved_phase=1)]
+    wait_until(lambda: s.started(1), 20, "phase 1 to start once approved")
+    assert s.served("r3") == "2.0.0"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from otad.errors import OtadError
-from otad.gateway.rollstate import MAX_EVENTS, MAX_ROBOTS, RolloutFiles, RolloutRecord
+from otad.gateway.rollstate import MAX_EVENTS, MAX_ROBOTS, RolloutFiles, RolloutRecord, SiteState
 from otad.rollout.cohort import assignment, is_targeted
 from otad.rollout.plan import Plan
 from otad.rollout.progress import FAILURES, Event, advance, opened_phases, tally
@@ -63,20 +63,25 @@ class Rollouts:
         self.rollout_keys, self.release_keys = rollout_keys, release_keys
         self.files = RolloutFiles(state_dir)
         self._lock = threading.RLock()
-        self.seen = self.files.load_seen()
-        self.state = self.files.load_site()
+        self.enabled = bool(rollout_keys)  # fixed until a restart: the state is read once, at start
+        self.seen: dict = {}
+        self.state = SiteState()
         self.current: dict[str, Current] = {}
         self._last_body: bytes | None = None
+        if not self.enabled:
+            return  # no ROLLOUT_KEYS: today's behaviour, nothing read or written
+        self.seen = self.files.load_seen()
+        self.state = self.files.load_site()
         for item in self.files.load_plans():
             verified = self._verify(item, now, "kept")
             if verified is not None:
                 self.current[verified.plan.rollout_id] = Current(item, verified)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.rollout_keys)
-
     def configure(self, rollout_keys: tuple[PublicKey, ...], release_keys: tuple[PublicKey, ...]) -> None:
+        """SIGHUP: other rollout keys apply at the next poll; turning rollouts on or off needs a restart."""
+        if bool(rollout_keys) != self.enabled:
+            log.warning("ROLLOUT_KEYS %s; it takes effect at the next restart", "set" if rollout_keys else "emptied")
+            return
         with self._lock:
             self.rollout_keys, self.release_keys = rollout_keys, release_keys
             self._last_body = None  # a key added may make a refused plan acceptable
