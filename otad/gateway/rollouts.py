@@ -36,6 +36,7 @@ from otad.trust.keys import PublicKey
 log = logging.getLogger("otad.gateway")
 MAX_PLANS_BYTES = 4 * 1024 * 1024  # Wire 1 body: 64 KiB plans + bundles, a few dozen at most
 MAX_PLAN_ITEMS = 64
+MAX_REPORT_REASON = 300  # the dashboard takes one line of at most 300 characters (Wire 4)
 ROBOT_EVENTS = ("installed", "committed", *FAILURES)
 
 
@@ -331,8 +332,8 @@ class Rollouts:
             c = counts.get(n)
             phases.append({"index": n, "started_at": rec.started.get(n),
                            "halted_at": halted["at"] if halted and halted["phase"] == n else None,
-                           "reason": rec.reasons.get(n, ""),
+                           "reason": rec.reasons.get(n, "")[:MAX_REPORT_REASON],
                            "counts": {"attempts": c.attempts if c else 0, "committed": c.committed if c else 0,
                                       "failed": c.failed if c else 0}})
         return {"site": self.site, "rollout_id": plan.rollout_id, "revision": plan.revision, "phases": phases,
-                "halted": {"at": halted["at"], "reason": halted["reason"]} if halted else None}
+                "halted": {"at": halted["at"], "reason": halted["reason"][:MAX_REPORT_REASON]} if halted else None}
