@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry clean deb deb-check deb-deps soak-power
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-durability bench-durability-deps clean deb deb-check deb-deps soak-power soak-chaos
 
 all: check
 
@@ -87,18 +87,25 @@ check: test test-bookworm deb-check soak-short
 # seeded faults (SOAK_SEED replays one; soak-short has a fixed one), then the invariants; exit 1 if any failed.
 # Needs root (ip netns); without it, prints "soak skipped" and why.
 SOAK_SECONDS ?= 600
-soak: $(VENV)/.installed
+soak: soak-chaos soak-power
+
+soak-chaos: $(VENV)/.installed
 	SOAK_SECONDS=$(SOAK_SECONDS) $(VENV)/bin/python tests/soak.py
 
 soak-short: $(VENV)/.installed
 	SOAK_SECONDS=120 SOAK_SEED=$${SOAK_SEED:-20261202} $(VENV)/bin/python tests/soak.py
 
-# Power cuts under otad-robot on the power-loss layer (tests/powercut_robot.py, tests/lazyfs.py):
-# POWER_CUTS cuts during installs, rollbacks and probation; POWER_SEED replays a run; exit 1 on
-# any invariant violation. Needs root and FUSE; without them, prints "skipped" and why.
+# Power cuts on the power-loss layer (tests/lazyfs.py), one loop per daemon
+# (tests/powercut_<loop>.py, docs/reliability.md "Power loss"): POWER_CUTS cuts each, at
+# random instants and named steps; POWER_SEED replays a run (each loop prints its seed);
+# exit 1 on any invariant violation, every loop run. Needs root and FUSE; without them,
+# each prints "skipped" and why. `make check` runs a few cuts of each (tests/test_powercut_*.py).
 POWER_CUTS ?= 200
+POWER_LOOPS := robot gateway agent dashboard
 soak-power: $(VENV)/.installed fuse-deps
-	POWER_CUTS=$(POWER_CUTS) $(VENV)/bin/python tests/powercut_robot.py
+	@failed=""; for loop in $(POWER_LOOPS); do \
+	  POWER_CUTS=$(POWER_CUTS) $(VENV)/bin/python tests/powercut_$$loop.py || failed="$$failed $$loop"; done; \
+	if [ -n "$$failed" ]; then echo "power-cut soak failed:$$failed"; exit 1; fi
 
 # Debian packages, built from a clean copy of the tree into build/deb/
 # (tests/deb/build-debs.sh; installs missing build dependencies as root).
@@ -123,7 +130,7 @@ deb-deps:
 
 # Benchmarks measure against reference tools in the same run (docs/benchmarks.md).
 # They are not tests: they print ratios and PASS/MISS and always exit 0.
-bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry
+bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-durability
 
 bench-deps:
 	@missing=""; for tool in curl:curl nginx:nginx-light ab:apache2-utils wrk:wrk; do \
@@ -144,6 +151,16 @@ bench-robot: $(VENV)/.installed bench-deps
 
 bench-telemetry: $(VENV)/.installed bench-deps
 	$(VENV)/bin/python bench/telemetry.py
+
+# A diagnostic, no targets: fsyncs per robot install and per 1,000 telemetry records, counted
+# with strace, and the time they cost against the same runs under eatmydata (no fsync).
+bench-durability-deps:
+	@missing=""; for tool in strace:strace eatmydata:eatmydata; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get install -y -q $$missing; fi
+
+bench-durability: $(VENV)/.installed bench-durability-deps
+	$(VENV)/bin/python bench/durability.py
 
 clean:
 	rm -rf $(VENV) $(VENV_BOOKWORM) $(INTEROP_JS)/node_modules build dist *.egg-info .pytest_cache

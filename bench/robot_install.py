@@ -259,6 +259,69 @@ def sync_all() -> None:
 
 # --------------------------------------------------------------------------- runs
 
+@dataclass
+class Site:
+    """What start_site set up: a published release, cached and verified by a running gateway."""
+    key: Path  # key prefix: .key signs, .pub verifies
+    version: str
+    manifest: dict
+    stats: object  # release_build.AppStats of the generated app folder
+    ota: Path  # the dashboard's OTA_DIR
+    gateway_url: str
+    url: str  # the artifact at the gateway
+
+
+def start_site(work: Path, size_mb: int, seed: int, env: dict[str, str], daemons: list[Daemon],
+               version: str = "1.0.0") -> Site:
+    """Build and publish with `otad-release` a release whose .tar.gz is about size_mb MiB, start a
+    real dashboard and gateway on 127.0.0.1 (appended to daemons), wait until the gateway has
+    cached and verified it, and read it once through the gateway (page cache warm for every run)."""
+    release, dashboard_cmd, gateway_cmd = _bin("otad-release"), _bin("otad-dashboard"), _bin("otad-gateway")
+    key = work / "bench"
+    subprocess.run([release, "keygen", "--output-prefix", str(key)], env=env, check=True, stdout=subprocess.DEVNULL)
+    t0 = time.perf_counter()
+    stats = make_app_in_child(work / "app", int(size_mb * MIB / COMPRESSED_SHARE), seed)
+    subprocess.run([release, "build", "--app-dir", str(work / "app"), "--version", version,
+                    "--key", str(key.with_suffix(".key")), "--out", str(work / "out")],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    ota = work / "ota"
+    subprocess.run([release, "publish", "--from", str(work / "out"), "--to", str(ota)],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(work / "app")
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    shutil.rmtree(work / "out")
+    print(f"generated {stats.files} files in {stats.dirs} folders ({stats.total_bytes / MIB:.0f} MiB), built and "
+          f"published {manifest['artifact']} ({manifest['size'] / MIB:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+
+    dashboard = Daemon([dashboard_cmd, "--config", str(write_config(work / "dashboard.conf", {
+        "LISTEN": "127.0.0.1:0", "OTA_DIR": ota, "STATE_DIR": work / "dashboard-state"}))],
+        work / "dashboard.log", env)
+    daemons.append(dashboard)
+    dashboard_url = dashboard.url()
+    gateway = Daemon([gateway_cmd, "--config", str(write_config(work / "gateway.conf", {
+        "DASHBOARD_URL": dashboard_url, "TRUSTED_KEYS": key.with_suffix(".pub"), "LISTEN": "127.0.0.1:0",
+        "STATE_DIR": work / "gateway-state", "POLL_INTERVAL": 5, "CONNECT_TIMEOUT": 5, "READ_TIMEOUT": 30,
+        "GATEWAY_ID": "bench"}))], work / "gateway.log", env)
+    daemons.append(gateway)
+    gateway_url = gateway.url()
+    t0 = time.perf_counter()
+
+    def cached():
+        status, body = http_get(f"{gateway_url}/manifest")
+        return status == 200 and json.loads(body).get("version") == version
+    wait_until(cached, 600, "the gateway to cache and verify the release", interval=0.2)
+    url = f"{gateway_url}/ota/{manifest['artifact']}"
+    # Warm-up, untimed: the gateway's cached file is in the page cache for every run that follows.
+    with urllib.request.urlopen(url, timeout=120) as response:
+        digest = hashlib.sha256()
+        while chunk := response.read(MIB):
+            digest.update(chunk)
+    if digest.hexdigest() != manifest["sha256"]:
+        sys.exit("the gateway serves an artifact that does not match the manifest")
+    print(f"gateway cached and verified it in {time.perf_counter() - t0:.1f} s; serving {url}")
+    return Site(key, version, manifest, stats, ota, gateway_url, url)
+
+
 
 @dataclass
 class Run:
@@ -298,7 +361,9 @@ def run_reference(url: str, sha256: str, work: Path, log: Path, account) -> Run:
 
 
 def start_robot(robot_cmd: str, work: Path, name: str, gateway_url: str, pub: Path, poll_interval: int,
-                env: dict[str, str]) -> Daemon:
+                env: dict[str, str], wrap: tuple[str, ...] = ()) -> Daemon:
+    """A robot with fresh STATE_DIR and APP_DIR; wrap prefixes its command line (bench/durability.py:
+    strace, eatmydata), so the Daemon's pid is then the wrapper's."""
     state, app = work / f"{name}-state", work / f"{name}-app"
     fresh(state, app)
     config = write_config(work / f"{name}.conf", {
@@ -306,7 +371,7 @@ def start_robot(robot_cmd: str, work: Path, name: str, gateway_url: str, pub: Pa
         "STATE_DIR": state, "APP_DIR": app, "POLL_INTERVAL": poll_interval,
         "PROBATION_S": 0, "SELFTEST_CMD": "true",
     })
-    return Daemon([robot_cmd, "--config", str(config)], work / f"{name}.log", env)
+    return Daemon([*wrap, robot_cmd, "--config", str(config)], work / f"{name}.log", env)
 
 
 PHASES = (
@@ -319,11 +384,11 @@ PHASES = (
 
 
 def run_otad(robot_cmd: str, work: Path, name: str, gateway_url: str, pub: Path, poll_interval: int,
-             env: dict[str, str], version: str, account) -> tuple[Run, Daemon]:
+             env: dict[str, str], version: str, account, wrap: tuple[str, ...] = ()) -> tuple[Run, Daemon]:
     fresh(work / f"{name}-state", work / f"{name}-app")
     sync_all()
     mark = account()
-    robot = start_robot(robot_cmd, work, name, gateway_url, pub, poll_interval, env)
+    robot = start_robot(robot_cmd, work, name, gateway_url, pub, poll_interval, env, wrap)
     installed, _ = robot.wait_for(rf"^installed app {re.escape(version)}\b", INSTALL_TIMEOUT)
     peak = proc_status_kib(robot.pid, "VmHWM")
     other, total = account(mark, [robot.pid])
@@ -398,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mb <= 0 or args.repeat <= 0 or args.poll_interval <= 0 or args.settle_seconds < 0 or args.idle_seconds < 0:
         parser.error("--size-mb, --repeat and --poll-interval must be positive, --settle/--idle-seconds not negative")
 
-    release, robot_cmd = _bin("otad-release"), _bin("otad-robot")
-    dashboard_cmd, gateway_cmd = _bin("otad-dashboard"), _bin("otad-gateway")
+    robot_cmd = _bin("otad-robot")
     for tool in ("curl", "sha256sum", "tar", "sync"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: install it (Debian: curl, coreutils, tar)")
@@ -434,53 +498,11 @@ def main(argv: list[str] | None = None) -> int:
         imports = spawn([sys.executable, "-c", "import otad.robot.main"], log, env)[1] / 1024
         print(f"peak RSS of `true` (spawn floor): {floor:.1f} MiB; of python importing otad.robot.main: {imports:.1f} MiB")
 
-        # A release whose .tar.gz is about --size-mb MiB, built and published with the real CLI.
-        key = work / "bench"
-        subprocess.run([release, "keygen", "--output-prefix", str(key)], env=env, check=True, stdout=subprocess.DEVNULL)
-        t0 = time.perf_counter()
-        app_bytes = int(args.size_mb * MIB / COMPRESSED_SHARE)
-        stats = make_app_in_child(work / "app", app_bytes, args.seed)
-        version = "1.0.0"
-        subprocess.run([release, "build", "--app-dir", str(work / "app"), "--version", version,
-                        "--key", str(key.with_suffix(".key")), "--out", str(work / "out")],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
-        ota = work / "ota"
-        subprocess.run([release, "publish", "--from", str(work / "out"), "--to", str(ota)],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
-        shutil.rmtree(work / "app")
-        manifest = json.loads((work / "out" / "manifest.json").read_text())
-        shutil.rmtree(work / "out")
-        size = manifest["size"]
-        print(f"generated {stats.files} files in {stats.dirs} folders ({stats.total_bytes / MIB:.0f} MiB), built and "
-              f"published {manifest['artifact']} ({size / MIB:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
-
-        dashboard = Daemon([dashboard_cmd, "--config", str(write_config(work / "dashboard.conf", {
-            "LISTEN": "127.0.0.1:0", "OTA_DIR": ota, "STATE_DIR": work / "dashboard-state"}))],
-            work / "dashboard.log", env)
-        daemons.append(dashboard)
-        dashboard_url = dashboard.url()
-        gateway = Daemon([gateway_cmd, "--config", str(write_config(work / "gateway.conf", {
-            "DASHBOARD_URL": dashboard_url, "TRUSTED_KEYS": key.with_suffix(".pub"), "LISTEN": "127.0.0.1:0",
-            "STATE_DIR": work / "gateway-state", "POLL_INTERVAL": 5, "CONNECT_TIMEOUT": 5, "READ_TIMEOUT": 30,
-            "GATEWAY_ID": "bench"}))], work / "gateway.log", env)
-        daemons.append(gateway)
-        gateway_url = gateway.url()
-        measured.extend([dashboard.pid, gateway.pid])
-        t0 = time.perf_counter()
-
-        def cached():
-            status, body = http_get(f"{gateway_url}/manifest")
-            return status == 200 and json.loads(body).get("version") == version
-        wait_until(cached, 600, "the gateway to cache and verify the release", interval=0.2)
-        url = f"{gateway_url}/ota/{manifest['artifact']}"
-        # Warm-up, untimed: the gateway's cached file is in the page cache for every run that follows.
-        with urllib.request.urlopen(url, timeout=120) as response:
-            digest = hashlib.sha256()
-            while chunk := response.read(MIB):
-                digest.update(chunk)
-        if digest.hexdigest() != manifest["sha256"]:
-            sys.exit("the gateway serves an artifact that does not match the manifest")
-        print(f"gateway cached and verified it in {time.perf_counter() - t0:.1f} s; serving {url}")
+        site = start_site(work, args.size_mb, args.seed, env, daemons)
+        measured.extend([d.pid for d in daemons])
+        key, version, manifest, stats, gateway_url, url = (
+            site.key, site.version, site.manifest, site.stats, site.gateway_url, site.url)
+        size, ota = manifest["size"], site.ota
         print(f"robot: POLL_INTERVAL={args.poll_interval}, PROBATION_S=0, SELFTEST_CMD=true, no RESTART_CMD")
 
         refs: list[Run] = []

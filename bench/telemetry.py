@@ -174,6 +174,41 @@ def wait_quiet(limit: float) -> str:
     return "quiet (after waiting for another benchmark)"
 
 
+# --------------------------------------------------------------------------- site layout
+
+
+def write_tokens(work: Path, robots: list[tuple[str, str]]) -> None:
+    """Token files as an operator lays them out (mode 0600): work/robot-tokens, one line per robot, for the
+    gateway's ROBOT_TOKENS_FILE; the gateway's own token in work/gateway.token and in work/gateway-tokens
+    (the dashboard's TOKENS_FILE)."""
+    gateway_token = "bench-gateway-" + secrets.token_hex(12)
+    files = {"robot-tokens": "".join(f"{r} {t}\n" for r, t in robots), "gateway.token": gateway_token + "\n",
+             "gateway-tokens": f"bench {gateway_token}\n"}
+    for name, text in files.items():
+        (work / name).write_text(text)
+        (work / name).chmod(0o600)
+
+
+def dashboard_config(work: Path, name: str, port: int) -> Path:
+    """work/NAME.conf for a dashboard on 127.0.0.1:port, STATE_DIR work/NAME-state, gateway tokens from write_tokens."""
+    (work / "ota").mkdir(exist_ok=True)
+    config = work / f"{name}.conf"
+    config.write_text(f"LISTEN=127.0.0.1:{port}\nOTA_DIR={work / 'ota'}\nSTATE_DIR={work / (name + '-state')}\n"
+                      f"TOKENS_FILE={work / 'gateway-tokens'}\n")
+    return config
+
+
+def gateway_config(work: Path, name: str, dashboard_port: int, key: Path, max_mb: int, forward_batch: int) -> Path:
+    """work/NAME.conf for a gateway on 127.0.0.1:0 with STATE_DIR work/NAME, forwarding to the dashboard's port."""
+    config = work / f"{name}.conf"
+    config.write_text(
+        f"DASHBOARD_URL=http://127.0.0.1:{dashboard_port}\nTRUSTED_KEYS={key.with_suffix('.pub')}\n"
+        f"LISTEN=127.0.0.1:0\nSTATE_DIR={work / name}\nGATEWAY_ID=bench\nTOKEN_FILE={work / 'gateway.token'}\n"
+        f"ROBOT_TOKENS_FILE={work / 'robot-tokens'}\nTELEMETRY_MAX_MB={max_mb}\n"
+        f"FORWARD_BATCH={forward_batch}\nBACKOFF_MAX=1\nCONNECT_TIMEOUT=2\nREAD_TIMEOUT=30\n")
+    return config
+
+
 # --------------------------------------------------------------------------- (d) raw SQLite
 
 
@@ -435,31 +470,18 @@ def main(argv: list[str] | None = None) -> int:
 
         # Tokens, as an operator lays them out: one per robot, one for the gateway.
         robots = [(f"bench-r{i:03d}", f"bench-token-{i:03d}-{secrets.token_hex(8)}") for i in range(args.clients)]
-        robot_tokens = work / "robot-tokens"
-        robot_tokens.write_text("".join(f"{r} {t}\n" for r, t in robots))
-        gateway_token = "bench-gateway-" + secrets.token_hex(12)
-        (work / "gateway.token").write_text(gateway_token + "\n")
-        (work / "gateway-tokens").write_text(f"bench {gateway_token}\n")
-        for name in ("robot-tokens", "gateway.token", "gateway-tokens"):
-            (work / name).chmod(0o600)
+        write_tokens(work, robots)
         key = work / "bench"
         subprocess.run([release, "keygen", "--output-prefix", str(key)], env=env, check=True, stdout=subprocess.DEVNULL)
-        (work / "ota").mkdir()
 
         # The dashboard's address is fixed now, but it stays down: the WAN outage.
         dashboard_port = free_port()
         dashboard_db = work / "dashboard-state" / "telemetry.db"
-        (work / "dashboard.conf").write_text(
-            f"LISTEN=127.0.0.1:{dashboard_port}\nOTA_DIR={work / 'ota'}\nSTATE_DIR={work / 'dashboard-state'}\n"
-            f"TOKENS_FILE={work / 'gateway-tokens'}\n")
+        dashboard_config(work, "dashboard", dashboard_port)
         def start_gateway(tag: str) -> tuple[Proc, str, Path]:
             state = work / f"gateway-{tag}"
-            (work / f"gateway-{tag}.conf").write_text(
-                f"DASHBOARD_URL=http://127.0.0.1:{dashboard_port}\nTRUSTED_KEYS={key.with_suffix('.pub')}\n"
-                f"LISTEN=127.0.0.1:0\nSTATE_DIR={state}\nGATEWAY_ID=bench\nTOKEN_FILE={work / 'gateway.token'}\n"
-                f"ROBOT_TOKENS_FILE={robot_tokens}\nTELEMETRY_MAX_MB={args.telemetry_max_mb}\n"
-                f"FORWARD_BATCH={args.forward_batch}\nBACKOFF_MAX=1\nCONNECT_TIMEOUT=2\nREAD_TIMEOUT=30\n")
-            proc = Proc([gateway_cmd, "--config", str(work / f"gateway-{tag}.conf")], work / f"gateway-{tag}.log", env)
+            config = gateway_config(work, f"gateway-{tag}", dashboard_port, key, args.telemetry_max_mb, args.forward_batch)
+            proc = Proc([gateway_cmd, "--config", str(config)], work / f"gateway-{tag}.log", env)
             daemons.append(proc)
             url = proc.wait_listening()
             wait_until((state / "telemetry.db").exists, 10, "the gateway's telemetry buffer")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import requests
@@ -44,15 +45,30 @@ class Site:
         assert result.returncode == 0, result.stderr
         return json.loads((out / "manifest.json").read_text())
 
+    def publish_tampered(self, out: Path) -> dict:
+        """Publish `out` by hand with one bit of its artifact flipped, the artifact before the manifest.
+
+        `otad-release publish` would refuse the tampered artifact, and tampering after publishing
+        races a gateway's 1 s poll: this way no gateway ever sees the genuine artifact.
+        """
+        manifest = json.loads((out / "manifest.json").read_text())
+        data = bytearray((out / manifest["artifact"]).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (self.ota / manifest["artifact"]).write_bytes(bytes(data))
+        for name in (manifest["bundle"], manifest["checksum"], "manifest.json.bundle", "manifest.json"):
+            (self.ota / f".{name}.tmp").write_bytes((out / name).read_bytes())
+            os.replace(self.ota / f".{name}.tmp", self.ota / name)
+        return manifest
+
     def release(self, version: str, size: int = 64 * 1024, **build) -> dict:
         return self.publish(self.build(version, size, **build))
 
     # -- daemons ----------------------------------------------------------------------
-    def start_dashboard(self, **overrides) -> Daemon:
+    def start_dashboard(self, env: dict | None = None, **overrides) -> Daemon:
         config = write_config(self.root / "dashboard.conf", {
             "LISTEN": "127.0.0.1:0", "OTA_DIR": self.ota, "STATE_DIR": self.root / "dashboard-state", **overrides,
         })
-        self.dashboard = Daemon("otad-dashboard", config, self.root / "dashboard.log").start()
+        self.dashboard = Daemon("otad-dashboard", config, self.root / "dashboard.log", env=env).start()
         self.dashboard.pin_port()  # gateways keep its URL across the stops and starts of a test
         return self.dashboard
 

@@ -45,6 +45,7 @@ class Daemon:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in (env or {}) else None
         self.args = args or []
+        self.wrap: list[str] = []  # a command the daemon runs under, e.g. unshare (tests/powercut_agent.py)
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self._log_offset = 0
@@ -53,7 +54,7 @@ class Daemon:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / self.command), "--config", str(self.config), *self.args],
+                [*self.wrap, str(BIN / self.command), "--config", str(self.config), *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
             )
         if wait_listening:

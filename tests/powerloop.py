@@ -33,14 +33,17 @@ class Report:
     seed: int
     cuts: int = 0
     phases: Counter = field(default_factory=Counter)
+    steps: Counter = field(default_factory=Counter)  # cuts aimed at a named step (a frozen daemon)
     torn: int = 0
     violations: list[str] = field(default_factory=list)
     fsyncs: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
         phases = ", ".join(f"{phase} {count}" for phase, count in sorted(self.phases.items()))
+        steps = ", ".join(f"{step} {count}" for step, count in sorted(self.steps.items()))
         return (f"{self.what} power cuts: seed {self.seed}, {self.cuts} cuts ({self.torn} with torn writes); "
-                f"phases at the cut: {phases}; violations: {len(self.violations)}; "
+                f"phases at the cut: {phases}; " + (f"steps: {steps}; " if steps else "") +
+                f"violations: {len(self.violations)}; "
                 f"layer calls: {dict(self.fsyncs)}")
 
 
@@ -66,6 +69,20 @@ def kill_users(mountpoint: Path) -> None:
                 except ProcessLookupError:
                     pass
                 break
+
+
+def stopped(pid: int) -> bool:
+    """True once every thread of the process is stopped by a signal (state T), e.g. frozen at a
+    named step: a process-wide stop reaches its threads one by one."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in threads:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                states.append(stat.read().rpartition(")")[2].split()[0])
+    except (OSError, IndexError):
+        return False
+    return bool(states) and all(state == "T" for state in states)
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -328,6 +328,51 @@ def test_outbox_drain_interrupted_before_the_file_removal_does_not_duplicate(tmp
     spool.close()
 
 
+def test_outbox_drain_interrupted_after_the_file_removal_keeps_no_key_forever(tmp_path, monkeypatch):
+    """A power cut after the removal of the drained event files was durable, before the keys' delete committed.
+
+    The keys stayed in the spool's `drained` table for good: the next drain only forgets keys
+    of files it sees, and these files were gone (found by tests/powercut_agent.py, which
+    checks the table is empty once the outbox is). The cut is simulated by an exception
+    right after the directory fsync that makes the removal durable: a process-level test,
+    because the window is a few milliseconds wide for a real cut.
+    """
+    import otad.agent.spool as spool_module
+
+    outbox = Outbox(tmp_path / "robot-state")
+    outbox.add("installed", "1.0.0")
+    outbox.add("rolled_back", "1.0.1", "boom")
+
+    class Crash(Exception):
+        pass
+
+    def fsync_then_die(directory) -> None:
+        real_fsync_dir(directory)
+        raise Crash
+
+    real_fsync_dir = spool_module.fsync_dir
+    spool = Spool(tmp_path / "spool.db", 1 << 20)
+    monkeypatch.setattr(spool_module, "fsync_dir", fsync_then_die)
+    with pytest.raises(Crash):
+        spool.drain_outbox(outbox, ROBOT, BOOT_ID)
+    spool.close()
+    monkeypatch.undo()
+    assert outbox.pending() == []
+    spool = Spool(tmp_path / "spool.db", 1 << 20)
+    assert spool.drain_outbox(outbox, ROBOT, BOOT_ID) == 0  # an empty outbox: the keys go all the same
+    assert spool._db.execute("SELECT count(*) FROM drained").fetchone()[0] == 0
+    outbox.add("installed", "1.0.2")
+    assert spool.drain_outbox(outbox, ROBOT, BOOT_ID) == 1
+    spool.close()
+    db = sqlite3.connect(tmp_path / "spool.db")
+    try:
+        assert db.execute("SELECT count(*) FROM drained").fetchone()[0] == 0
+        events = [json.loads(body)["version"] for (body,) in db.execute("SELECT body FROM records ORDER BY id")]
+    finally:
+        db.close()
+    assert events == ["1.0.0", "1.0.1", "1.0.2"]
+
+
 def test_a_damaged_spool_is_set_aside_and_numbering_goes_on_above_it(tmp_path, caplog):
     path = tmp_path / "spool.db"
     path.write_bytes(b"this is not an SQLite database" * 200)

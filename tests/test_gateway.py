@@ -102,15 +102,8 @@ def test_untrusted_release_is_never_cached_or_served(site, tmp_path, attack):
     wait_for_version(gw.url, "1.0.0")
     out = site.build("2.0.0")
     if attack == "tampered-artifact":
-        # Published by hand, the tampered artifact before the manifest: the dashboard's publish
-        # would refuse it, and tampering after publishing races the gateway's 1 s poll.
-        data = bytearray((out / "app-v2.0.0.tar.gz").read_bytes())
-        data[len(data) // 2] ^= 0x01
         reason = "sha256 is"
-        (site.ota / "app-v2.0.0.tar.gz").write_bytes(bytes(data))
-        for name in ("app-v2.0.0.tar.gz.bundle", "app-v2.0.0.sha256", "manifest.json.bundle", "manifest.json"):
-            (site.ota / f".{name}.tmp").write_bytes((out / name).read_bytes())
-            os.replace(site.ota / f".{name}.tmp", site.ota / name)
+        site.publish_tampered(out)
     elif attack == "bad-bundle":
         bundle = json.loads((out / "app-v2.0.0.tar.gz.bundle").read_text())
         other = site.build("2.0.0-x") / "app-v2.0.0-x.tar.gz.bundle"

@@ -268,8 +268,9 @@ def test_publish_writes_the_manifest_last(release, tmp_path):
     finally:
         notifier.stop()
     visible = [name for mask, name in appeared if mask == "IN_MOVED_TO"]
-    assert visible[-2:] == ["manifest.json.bundle", "manifest.json"]  # never a manifest without its signature
-    assert set(visible[:-2]) == {"app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "app-v1.2.3.sha256"}
+    # The pair is staged (bundle, then manifest: the commit point) and renamed in: never a manifest without its signature.
+    assert visible[-4:] == [".manifest.json.bundle.next", ".manifest.json.next", "manifest.json.bundle", "manifest.json"]
+    assert set(visible[:-4]) == {"app-v1.2.3.tar.gz", "app-v1.2.3.tar.gz.bundle", "app-v1.2.3.sha256"}
     # Nothing ever appeared under a final name by being written in place.
     assert all(name.startswith(".") for mask, name in appeared if mask == "IN_CLOSE_WRITE")
 

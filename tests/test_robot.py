@@ -15,6 +15,7 @@ from fleet import wait_for_version
 from harness import wait_until
 from otad.transfer.http import content_etag
 from invariants import committed_and_sound, current_problem, current_version, robot_state
+from otad.robot.crashpoints import INSTALL_STEPS, ROLLBACK_STEPS
 
 
 @pytest.fixture
@@ -129,10 +130,6 @@ def test_robot_verifies_for_itself(site, tmp_path):
     assert events == ["rejected"]
 
 
-INSTALL_STEPS = ["verified", "unpacked", "new-linked", "old-linked", "current-linked", "new-removed",
-                 "restarted", "selftest-passed", "committed", "gc-done"]
-
-
 @pytest.mark.parametrize("step", INSTALL_STEPS)
 def test_kill_at_every_install_step_recovers(site, step):
     site.release("1.0.0")
@@ -156,7 +153,6 @@ def test_kill_at_every_install_step_recovers(site, step):
     assert not os.path.lexists(app_dir(site) / "NEW")
 
 
-ROLLBACK_STEPS = ["rb-started", "rb-current-linked", "rb-old-linked", "rb-restarted", "rb-recorded"]
 
 
 @pytest.mark.parametrize("step", ROLLBACK_STEPS)

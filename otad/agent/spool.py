@@ -11,9 +11,11 @@
   records by (robot_id, boot_id, seq) and need no other id.
 - Outbox events are drained idempotently: an event's stored record and a key
   (a hash of the event file's content) commit together, then the file is
-  removed. A crash in between finds the key and only removes the file. The
-  content is the key, not the outbox seq, because Outbox.add reuses seq 1
-  once the outbox is empty.
+  removed. A crash in between finds the key and only removes the file. A key
+  is forgotten once a directory fsync made its file's removal durable, and
+  then every key without a file goes, also those a power cut left behind. The
+  content is the key, not the outbox seq, because an outbox seq can come
+  again (an outbox whose `.next` counter file was lost starts over).
 - Bound: past `max_bytes` of pages in use, the oldest metric rows are dropped
   (never events, never rows of a batch being sent: the gateway may hold them
   already) down to 90% of the bound; in the same transaction a `dropped` record
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 from otad.agent.collect import rfc3339
+from otad.dbutil import transaction
 from otad.errors import OtadError
 from otad.fsutil import fsync_dir, make_dirs
 from otad.robot.outbox import Outbox
@@ -83,6 +86,11 @@ def event_record(event: dict, robot_id: str, boot_id: str) -> dict:
         "version": event.get("version") or "",
         "detail": event.get("detail") or "",
     }
+
+
+def event_key(event: dict) -> str:
+    """The key that marks an outbox event as stored (its content: see the module docstring)."""
+    return hashlib.sha256(json.dumps(event, sort_keys=True).encode()).hexdigest()
 
 
 class Spool:
@@ -191,13 +199,8 @@ class Spool:
         if clean is None:
             return None
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 seq = self._insert(clean)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending += 1
             self._enforce_bound()
         return seq
@@ -206,12 +209,15 @@ class Spool:
         """Move every outbox file into the spool exactly once; return how many records were added."""
         events = outbox.pending()
         if not events:
+            with self._lock:
+                left = self._db.execute("SELECT 1 FROM drained LIMIT 1").fetchone()
+            if left:  # keys a power cut left behind their files' durable removal
+                self._forget_drained(outbox, [])
             return 0
-        keys = [hashlib.sha256(json.dumps(e, sort_keys=True).encode()).hexdigest() for e in events]
+        keys = [event_key(e) for e in events]
         added = 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 for event, key in zip(events, keys):
                     if self._db.execute("SELECT 1 FROM drained WHERE key = ?", (key,)).fetchone():
                         continue  # stored before a crash that came ahead of the file's removal
@@ -220,25 +226,31 @@ class Spool:
                     if record is not None:
                         self._insert(record)
                         added += 1
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending += added
-        removed = []
+        still_there = []
         for event, key in zip(events, keys):
             try:
                 outbox.remove(int(event["seq"]))
-                removed.append(key)
             except (OSError, KeyError, TypeError, ValueError) as exc:
+                still_there.append(key)
                 log.error("cannot remove outbox event %s (%s); it will not be sent twice", event.get("seq"), exc)
-        # Forget a key only once its file's removal is durable: a file that came back
-        # after a power cut would otherwise be sent again.
-        fsync_dir(outbox.dir)
+        self._forget_drained(outbox, still_there)
         with self._lock:
-            self._db.executemany("DELETE FROM drained WHERE key = ?", [(k,) for k in removed])
             self._enforce_bound()
         return added
+
+    def _forget_drained(self, outbox: Outbox, still_there: list[str]) -> None:
+        """Forget the keys of drained events, except those whose files could not be removed.
+
+        A key goes only once its file's removal is durable: a file that came back after
+        a power cut would otherwise be sent again. After this fsync every file missing
+        from the folder is durably gone, so every other key goes, also those a power cut
+        left behind after their files' removal (no file names them again).
+        """
+        fsync_dir(outbox.dir)
+        with self._lock:
+            self._db.execute("DELETE FROM drained WHERE key NOT IN (SELECT value FROM json_each(?))",
+                             (json.dumps(still_there),))
 
     # -- sending ----------------------------------------------------------------
     def batch(self, limit: int, max_body: int) -> list[tuple[int, str]]:
@@ -258,13 +270,8 @@ class Spool:
     def delete(self, ids: list[int]) -> None:
         """Forget rows the gateway has acknowledged (or that it can never accept)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 gone = self._db.executemany("DELETE FROM records WHERE id = ?", [(i,) for i in ids]).rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending -= gone
             # Sent rows free pages for good: give them back, so a drained spool is small again.
             self._db.execute("PRAGMA incremental_vacuum")
@@ -293,8 +300,7 @@ class Spool:
         target, dropped = int(self.max_bytes * TRIM_TO), 0
         # The rows go and the record that counts them comes in one transaction: a crash
         # between the two would lose metrics without a trace.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             while used > target:
                 metrics = self._db.execute("SELECT count(*) FROM records WHERE kind = 'metric' AND id > ?",
                                            (self.offered_up_to,)).fetchone()[0]
@@ -315,10 +321,6 @@ class Spool:
                 dropped += count
                 used = self.used_bytes()
             reported = self._insert_dropped(dropped) if dropped else False
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         if dropped:
             self.pending += reported - dropped
             self.dropped += dropped
@@ -349,14 +351,9 @@ class Spool:
         """
         record = json.loads(body)
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 gone = self._db.execute("DELETE FROM records WHERE id = ?", (row_id,)).rowcount
                 reported = bool(gone) and record.get("type") != "dropped" and self._insert_dropped(
                     1, (record["robot_id"], record["boot_id"]))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self.pending += reported - gone
             self.refused += gone

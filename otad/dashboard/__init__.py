@@ -11,25 +11,51 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from otad.config import load_settings
 from otad.dashboard.app import DashboardApp, Environ, StartResponse, Telemetry, error_response
 from otad.dashboard.ota import OtaFolder
 from otad.dashboard.settings import CONFIG_ENV, DEFAULT_CONFIG, DashboardSettings
 from otad.dashboard.store import SqliteTelemetryStore
-from otad.telemetry.tokens import TokenTable
-from otad.errors import OtadError
+from otad.dashboard.rollouts import RolloutDesk
+from otad.telemetry.tokens import TokenTable, refuse_public
+from otad.errors import ConfigError, KeyFileError, OtadError
+from otad.trust.keys import load_private_key
 
 __all__ = ["application", "make_app", "DashboardApp", "DashboardSettings"]
 log = logging.getLogger("otad.dashboard")
+KEY_PASSWORD_ENV = "OTAD_ROLLOUT_KEY_PASSWORD"
 
 
 def make_app(settings: DashboardSettings, use_inotify: bool = True) -> DashboardApp:
     """The dashboard's WSGI app for `settings` (creates OTA_DIR if it is missing)."""
     store = SqliteTelemetryStore(settings.telemetry_path)
     tokens = TokenTable.from_file(settings.tokens_file) if settings.tokens_file else None
-    return DashboardApp(OtaFolder(settings.ota_dir, use_inotify=use_inotify), Telemetry(store, tokens))
+    operators = TokenTable.from_file(settings.operator_tokens_file) if settings.operator_tokens_file else None
+    ota = OtaFolder(settings.ota_dir, use_inotify=use_inotify)
+    desk = RolloutDesk(store, load_rollout_key(settings.rollout_key), ota, operators)
+    return DashboardApp(ota, Telemetry(store, tokens), desk)
+
+
+def load_rollout_key(path: Path | None) -> ec.EllipticCurvePrivateKey | None:
+    """ROLLOUT_KEY: a private key from `otad-release keygen`, refused if every user may read it.
+    Its password comes from $OTAD_ROLLOUT_KEY_PASSWORD (empty if unset)."""
+    if path is None:
+        return None
+    try:
+        refuse_public(path, "rollout key")
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"ROLLOUT_KEY {path}: cannot read ({exc.strerror})") from None
+    password = os.environ.get(KEY_PASSWORD_ENV, "").encode("utf-8")
+    try:
+        return load_private_key(pem, password, str(path))
+    except KeyFileError as exc:
+        raise ConfigError(f"ROLLOUT_KEY: {exc}") from None
 
 
 class _LazyApplication:

@@ -15,9 +15,12 @@ from http import HTTPStatus
 from typing import Any, BinaryIO
 
 from otad import __version__
+from otad.dashboard import admin
+from otad.dashboard.admin import is_rollout_route
 from otad.dashboard.ingest import MAX_WIRE_BYTES, IngestError, authenticate, decode_body, parse_forwarded
 from otad.dashboard.ota import OtaFolder
 from otad.dashboard.status import fleet_status, render_status
+from otad.dashboard.rollouts import RolloutDesk
 from otad.dashboard.store import TelemetryStore
 from otad.telemetry.tokens import TokenTable
 from otad.transfer.files import open_inside, safe_file_name
@@ -77,9 +80,10 @@ class Telemetry:
 class DashboardApp:
     """A WSGI callable. `ota` may be swapped for another OtaFolder at any time (SIGHUP)."""
 
-    def __init__(self, ota: OtaFolder, telemetry: Telemetry) -> None:
+    def __init__(self, ota: OtaFolder, telemetry: Telemetry, rollouts: RolloutDesk | None = None) -> None:
         self.ota = ota
         self.telemetry = telemetry
+        self.rollouts = rollouts
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -92,12 +96,18 @@ class DashboardApp:
             return _json(start_response, 500, {"error": "internal error"}, method, exc_info=sys.exc_info())
 
     def _route(self, method: str, path: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self.rollouts is not None and is_rollout_route(path):
+            return admin.route(self.rollouts, self.telemetry.tokens, method, path, environ,
+                               lambda code, body, extra: _respond(start_response, code, body, method, extra))
         if path == "/metrics":
             if method != "POST":
                 return _json(start_response, 405, {"error": "use POST"}, method, [("Allow", "POST")])
             return self._metrics(environ, start_response)
         if path in ("/status", "/status.json") and method in ("GET", "HEAD"):
             document = fleet_status(self.telemetry.store, time.time())
+            if self.rollouts is not None:
+                document["rollouts"] = [r for r in self.rollouts.overview(document["generated"])
+                                        if not r["expired"] and r["state"] != "aborted"]
             if path == "/status.json":
                 return _json(start_response, 200, document, method, [("Cache-Control", "no-store")])
             page = render_status(document)
@@ -205,6 +215,15 @@ def _content_type(name: str) -> str:
 
 def _status(code: int) -> str:
     return f"{code} {HTTPStatus(code).phrase}"
+
+
+def _respond(start_response: StartResponse, code: int, body: dict | bytes, method: str,
+             extra: list[tuple[str, str]]) -> Iterable[bytes]:
+    """A JSON body, or an HTML page (bytes)."""
+    if isinstance(body, dict):
+        return _json(start_response, code, body, method, extra)
+    start_response(_status(code), [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))), *extra])
+    return [] if method == "HEAD" else [body]
 
 
 def error_response(start_response: StartResponse, code: int, message: str, method: str) -> Iterable[bytes]:

@@ -148,6 +148,7 @@ class DashboardDaemon(Daemon):
         super().__init__(settings, config_path)
         self.app: DashboardApp | None = None
         self.http: HttpServer | None = None
+        self._halts = threading.Event()  # set at shutdown: the fleet-halt loop's sleep ends
 
     def start(self) -> None:
         self.app = make_app(self.settings)
@@ -159,6 +160,10 @@ class DashboardDaemon(Daemon):
         self.heartbeats.append(heartbeat)
         self.http.start()
         self.adopt(self.http.thread)
+        if self.app.rollouts is not None and self.app.rollouts.key is not None:
+            self.spawn("rollout-halts", self._fleet_halts)
+        elif self.settings.rollout_key is None:
+            log.info("rollouts disabled: ROLLOUT_KEY is not set (/rollouts.json serves no plan)")
         log.info("listening on %s", self.http.url)
         if not is_loopback(host):
             log.warning("serving plain HTTP on %s: gateway tokens and telemetry cross the WAN unencrypted; terminate "
@@ -166,6 +171,13 @@ class DashboardDaemon(Daemon):
 
     def tick(self) -> float:
         return 5.0
+
+    def _fleet_halts(self) -> None:
+        """Apply the fleet-wide halt criteria of every active plan, every ROLLOUT_CHECK_INTERVAL."""
+        assert self.app is not None and self.app.rollouts is not None
+        while not self.stopping:
+            self.app.rollouts.check_fleet(time.time())
+            self._halts.wait(self.settings.rollout_check_interval)
 
     def status(self) -> str:
         current = self.app.ota.current() if self.app else None
@@ -191,6 +203,12 @@ class DashboardDaemon(Daemon):
         except OtadError as exc:
             log.error("keeping the previous gateway tokens: %s", exc)
             return
+        if self.app.rollouts is not None:
+            try:
+                self.app.rollouts.operators = (TokenTable.from_file(settings.operator_tokens_file)
+                                               if settings.operator_tokens_file else None)
+            except OtadError as exc:
+                log.error("keeping the previous operator tokens: %s", exc)
         self._warn_token_mode(settings)
 
     @staticmethod
@@ -199,6 +217,9 @@ class DashboardDaemon(Daemon):
             log.warning("telemetry ingest disabled: TOKENS_FILE is not set (POST /metrics answers 401)")
         elif warning := check_private(settings.tokens_file):
             log.warning("%s", warning)
+        for secret in (settings.operator_tokens_file, settings.rollout_key):
+            if secret is not None and (warning := check_private(secret)):
+                log.warning("%s", warning)
 
     def _switch_ota_dir(self, settings: DashboardSettings, old: DashboardSettings) -> DashboardSettings:
         assert self.app is not None
@@ -208,11 +229,14 @@ class DashboardDaemon(Daemon):
             log.error("keeping OTA_DIR %s: %s", old.ota_dir, exc)
             return dataclasses.replace(settings, ota_dir=old.ota_dir)
         previous, self.app.ota = self.app.ota, folder
+        if self.app.rollouts is not None:
+            self.app.rollouts.ota = folder
         previous.close()
         log.info("OTA_DIR is now %s", settings.ota_dir)
         return settings
 
     def shutdown(self) -> None:
+        self._halts.set()
         if self.http is not None:
             self.http.close()
         if self.app is not None:

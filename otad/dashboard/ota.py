@@ -8,8 +8,11 @@ the manifest. Either way a new manifest is parsed with the one manifest reader
 before it replaces the current one: a malformed file is logged and ignored.
 
 manifest.json.bundle (its signature) is read together with it and served as
-one pair from memory: publish renames the bundle in first, and a bundle that
-names another manifest's digest (a publish half done) is not paired with it.
+one pair from memory. Which two files form the pair is otad.manifest_pair's
+answer: publish stages the new pair and renames it in, and a publish cut after
+its commit point leaves the staged manifest with the new bundle, served as the
+pair (it is what the next publish finishes). A bundle that names another
+manifest's digest (files changed by hand) is not paired with it.
 The dashboard holds no keys; gateways verify the pair.
 """
 from __future__ import annotations
@@ -27,9 +30,12 @@ from pathlib import Path
 from otad.errors import ConfigError, MalformedMetadata
 from otad.fsutil import make_dirs
 from otad.transfer.http import Validators, content_etag
+from otad.semver import same_version
 from otad.trust.bundle import MAX_BUNDLE_BYTES
-from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from otad.trust.digest import digest_file
+from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_checksum_file, parse_manifest
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest
+from otad.manifest_pair import BUNDLE_NEXT, MANIFEST_NEXT, pair_names
 
 log = logging.getLogger("otad.dashboard")
 
@@ -46,7 +52,8 @@ except Exception as exc:  # ImportError, or no inotify on this platform
     pyinotify = None
     _INOTIFY_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-StatKey = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
+StatKey = tuple[tuple[int, int, int] | None, ...]
+PAIR_FILES = (MANIFEST, MANIFEST_BUNDLE, MANIFEST_NEXT, BUNDLE_NEXT)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,28 @@ class OtaFolder:
         with self._lock:
             self._load()
 
+    def unpublished(self, version: str) -> str | None:
+        """Why `version` is not a release this folder holds whole, or None if it is: the current
+        manifest's version, or an earlier publish's artifact with its signature and a checksum
+        file that matches it (publish never removes those). The dashboard holds no release key:
+        gateways and robots verify the signatures."""
+        current = self.current()
+        if current is None:
+            return "no release is published yet"
+        if same_version(current.manifest.version, version):
+            return None
+        stem = f"{current.manifest.name}-v{version}"
+        artifact, checksum = self.root / f"{stem}.tar.gz", self.root / f"{stem}.sha256"
+        if not any((self.root / f"{stem}.tar.gz{suffix}").is_file() for suffix in (".bundle", ".asc")):
+            return f"{artifact.name} and its signature are not in {self.root} (publish it with otad-release publish)"
+        try:
+            digest_hex, named = parse_checksum_file(checksum.read_bytes()[:4096])
+            if named != artifact.name or digest_file(artifact).hex != digest_hex:
+                return f"{artifact.name} does not match {checksum.name}"
+        except (OSError, MalformedMetadata) as exc:
+            return f"{checksum.name}: {getattr(exc, 'strerror', None) or exc}"
+        return None
+
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
@@ -111,14 +140,14 @@ class OtaFolder:
             return None
 
     def _stat_key(self) -> StatKey:
-        return (_stat_key(self.root / MANIFEST), _stat_key(self.root / MANIFEST_BUNDLE))
+        return tuple(_stat_key(self.root / name) for name in PAIR_FILES)
 
     def _load(self) -> None:
         """Read manifest.json and its bundle and switch to them if valid. Caller holds the lock."""
         path = self.root / MANIFEST
         seen = self._stat_key()
         try:
-            data, st = _read_manifest(path, MAX_MANIFEST_BYTES)
+            data, st, bundle, bundle_st = self._read_pair()
         except FileNotFoundError:
             self._seen = seen
             if self._current is not None:
@@ -131,7 +160,6 @@ class OtaFolder:
             log.error("cannot read %s (%s); %s", path, exc.strerror or exc, self._still_serving())
             return
         self._seen = seen
-        bundle, bundle_st = self._read_bundle()
         if self._current is not None and data == self._current.data and bundle == self._current.bundle:
             return
         try:
@@ -140,8 +168,7 @@ class OtaFolder:
             log.error("ignoring malformed %s: %s; %s", path, exc, self._still_serving())
             return
         if bundle is not None and bundle_names_manifest(data, bundle) is False:
-            # Publish renames the bundle in before the manifest: wait for the manifest.
-            log.info("%s names another manifest than %s (publish in progress?); %s", MANIFEST_BUNDLE, MANIFEST, self._still_serving())
+            log.warning("%s names another manifest than %s (changed by hand?); %s", MANIFEST_BUNDLE, MANIFEST, self._still_serving())
             return
         etag = content_etag(hashlib.sha256(data).hexdigest())
         bundle_validators = None
@@ -152,11 +179,26 @@ class OtaFolder:
         self._current = Published(data, Validators(len(data), etag, int(st.st_mtime)), manifest, bundle, bundle_validators)
         log.info("serving %s %s (manifest ETag %s)", manifest.name, manifest.version, etag)
 
-    def _read_bundle(self) -> tuple[bytes | None, os.stat_result | None]:
-        try:
-            return _read_manifest(self.root / MANIFEST_BUNDLE, MAX_BUNDLE_BYTES)
-        except OSError:
-            return None, None
+    def _read_pair(self) -> tuple[bytes, os.stat_result, bytes | None, os.stat_result | None]:
+        """The manifest and its bundle (None if missing); FileNotFoundError when there is no manifest."""
+        for attempt in range(3):
+            manifest_name, bundle_name = pair_names(self.root)
+            try:
+                data, st = _read_manifest(self.root / manifest_name, MAX_MANIFEST_BYTES)
+                try:
+                    bundle, bundle_st = _read_manifest(self.root / bundle_name, MAX_BUNDLE_BYTES)
+                except FileNotFoundError:
+                    if bundle_name != MANIFEST_BUNDLE:
+                        raise
+                    bundle, bundle_st = None, None
+                except OSError:
+                    bundle, bundle_st = None, None
+                return data, st, bundle, bundle_st
+            except FileNotFoundError:
+                if manifest_name == MANIFEST and bundle_name == MANIFEST_BUNDLE:
+                    raise
+                # A staged file was renamed in while we read: the pair is complete now, look again.
+        raise FileNotFoundError(self.root / MANIFEST)
 
     def _still_serving(self) -> str:
         return f"still serving {self._current.label}" if self._current else "no release is served yet"
@@ -186,7 +228,7 @@ class _Watcher:
                 # The folder itself went away (deleted, unmounted): no more events will come.
                 self.alive = False
                 log.warning("inotify watch on %s ended; checking %s by stat from now on", self._root, MANIFEST)
-            elif event.mask & pyinotify.IN_Q_OVERFLOW or event.name in (MANIFEST, MANIFEST_BUNDLE):
+            elif event.mask & pyinotify.IN_Q_OVERFLOW or event.name in PAIR_FILES:
                 self._on_change()
         except Exception as exc:  # the watcher thread must survive anything
             log.error("handling an inotify event failed: %s: %s", type(exc).__name__, exc)

@@ -18,6 +18,11 @@ class DashboardSettings:
     threads: int = setting(whole(1, 256), "8", "HTTP worker threads")
     db_path: Path | None = setting(optional_path, "", "telemetry database (default: STATE_DIR/telemetry.db)")
     tokens_file: Path | None = setting(optional_path, "", "'gateway_id token' lines; empty: telemetry ingest disabled")
+    rollout_key: Path | None = setting(optional_path, "", "private key signing rollout plans (otad-release keygen; "
+                                       "mode 0600); empty: rollouts disabled")
+    operator_tokens_file: Path | None = setting(optional_path, "", "'operator_id token' lines for the rollout admin API; "
+                                                "empty: admin API disabled")
+    rollout_check_interval: int = setting(seconds, "5", "seconds between checks of the rollouts' fleet-wide halt criteria")
     header_timeout: int = setting(seconds, "20", "a request's header section must arrive within this many seconds")
     connection_limit: int = setting(whole(1, 100000), "1000", "open connections at most; beyond, new ones wait")
 

@@ -294,6 +294,22 @@ def _event_rows(doc: dict) -> str:
     return "".join(rows) or '<tr><td colspan="5">no events yet</td></tr>'
 
 
+def _rollouts_card(doc: dict) -> str:
+    """The rollouts in progress (active or paused), each linking to its console page."""
+    items = []
+    for r in doc.get("rollouts", []):
+        committed = sum(p["committed"] for p in r["phases"])
+        targeted = sum(p["targeted"] for p in r["phases"])
+        failed = sum(p["failed"] for p in r["phases"])
+        items.append(f'<li class="rollout"><a href="/rollouts/{escape(r["rollout_id"])}">{escape(r["rollout_id"])}</a> '
+                     f'→ <b>{escape(r["version"])}</b> <span class="badge st-{escape(r["state"])}">{escape(r["state"])}</span> '
+                     f'<span class="muted">revision {r["revision"]} · {committed}/{targeted} committed · {failed} failed'
+                     f'{" · " + escape(r["reason"]) if r["reason"] else ""}</span></li>')
+    if not items:
+        return ""
+    return f'<section class="card rollouts"><h2>Rollouts in progress</h2><ul class="rollout-list">{"".join(items)}</ul></section>'
+
+
 def render_status(doc: dict) -> bytes:
     colors = version_colors(doc["version_order"])
     span = _span(doc["window"]["end"] - doc["window"]["start"])
@@ -312,6 +328,7 @@ def render_status(doc: dict) -> bytes:
 <header class="top"><h1>otad fleet status</h1><p>updated {escape(updated)} · refreshes every {REFRESH_S} s ·
 <a href="status.json">status.json</a></p></header><main>
 {_tiles(doc)}
+{_rollouts_card(doc)}
 <div class="row">{_versions_card(doc, colors)}
 <section class="card events"><h2>Update events</h2>{_timeline(doc)}</section></div>
 <h2 class="section">Gateways and their robots</h2>

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from otad.dashboard.ingest import IngestError
+from otad.dashboard.rollout_store import ROLLOUT_SCHEMA, SqliteRolloutTables
 from otad.telemetry.records import encode
 from otad.fsutil import make_dirs
 
@@ -101,7 +102,7 @@ class TelemetryStore(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteTelemetryStore:
+class SqliteTelemetryStore(SqliteRolloutTables):
     def __init__(self, path: Path) -> None:
         make_dirs(path.parent)
         self.path = path
@@ -110,6 +111,7 @@ class SqliteTelemetryStore:
         self._guard = threading.Lock()
         db = self._db()
         db.executescript(SCHEMA)
+        db.executescript(ROLLOUT_SCHEMA)
         if "quarantined" not in {row[1] for row in db.execute("PRAGMA table_info(gateways)")}:
             db.execute("ALTER TABLE gateways ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0")  # a store made before it
 
@@ -154,6 +156,10 @@ class SqliteTelemetryStore:
                     dropped += record["dropped"]
                 else:
                     self._update_robot(db, gateway_id, record, now)
+                    if "rollout_id" in record:
+                        db.execute("INSERT INTO rollout_events (rollout_id, phase, robot_id, gateway_id, event, at)"
+                                   " VALUES (?,?,?,?,?,?)", (record["rollout_id"], record["phase"], record["robot_id"],
+                                                             gateway_id, record["event"], min(now, rfc3339_epoch(record["ts"]))))
                 self._count_drops(db, gateway_id, record)
             db.execute(
                 "INSERT INTO gateways (gateway_id, last_seen, backlog, dropped, quarantined) VALUES (?,?,?,?,?)"

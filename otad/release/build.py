@@ -4,7 +4,8 @@ build: package the app reproducibly, checksum it, sign it, write the manifest
 and sign the manifest (manifest.json.bundle, same signer as the artifact).
 publish: copy a built release into the dashboard's OTA folder so that a
 poller never sees a manifest whose files are missing or half written: the
-artifacts first, then manifest.json.bundle, then manifest.json (each by rename).
+artifacts first (each by rename, durable), then manifest.json with its bundle
+as one durable step (otad.manifest_pair), in OUT as in OTA_DIR.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from otad.errors import OtadError, ReleaseError
-from otad.fsutil import atomic_copy, atomic_write_bytes, fsync_dir
+from otad.fsutil import atomic_copy, atomic_write_bytes, fsync_dir, make_dirs
 from otad.release.archive import write_archive
 from otad.release.signers import Signer
 from otad.semver import Version
@@ -28,6 +29,7 @@ from otad.trust.manifest import (
     utc_timestamp,
 )
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest, check_release_names
+from otad.manifest_pair import finish_manifest_pair, pair_names, write_manifest_pair
 from otad.trust.verify import check_checksum_file, check_digest
 
 DEFAULT_EXPIRES_DAYS = 30.0
@@ -93,9 +95,8 @@ def sign_bytes(out: Path, data: bytes, signer: Signer) -> bytes:
 
 
 def write_signed_manifest(out: Path, data: bytes, signer: Signer) -> None:
-    """manifest.json.bundle first, manifest.json last: never a manifest without its bundle."""
-    atomic_write_bytes(out / MANIFEST_BUNDLE, sign_bytes(out, data, signer))
-    atomic_write_bytes(out / MANIFEST, data)
+    """manifest.json and its bundle, replaced together: never a manifest without its bundle."""
+    write_manifest_pair(out, data, sign_bytes(out, data, signer))
 
 
 def refresh_manifest(out_dir: str, signer: Signer, expires_in_days: float) -> Manifest:
@@ -104,6 +105,7 @@ def refresh_manifest(out_dir: str, signer: Signer, expires_in_days: float) -> Ma
     Everything else stays; the artifact is untouched, so publishing the folder
     again sends gateways only the new manifest and its bundle."""
     out = Path(out_dir)
+    finish_manifest_pair(out)  # a refresh cut after its commit point: that one is the manifest to refresh
     manifest = dataclasses.replace(read_manifest_file(out / MANIFEST), expires=utc_timestamp(time.time() + expires_in_days * 86400))
     if manifest.signature != signer.kind:
         raise ReleaseError(f"{out / MANIFEST} is signed with {manifest.signature}; refresh it with a {manifest.signature} key")
@@ -121,30 +123,32 @@ def read_manifest_file(path: str | os.PathLike[str]) -> Manifest:
 
 
 def publish_release(from_dir: str, ota_dir: str) -> Manifest:
-    """Copy artifacts first (each fsynced), then the manifest's bundle, the manifest last, by rename.
+    """Copy artifacts first (each fsynced), then the manifest with its bundle as one durable step.
 
     A poller may still read the new manifest with the old bundle (or the
-    reverse) when its two requests straddle the last two renames; gateways and
+    reverse) when its two requests straddle the switch; gateways and
     robots fetch the pair again once when it does not verify.
     """
     src, dst = Path(from_dir), Path(ota_dir)
-    manifest = read_manifest_file(src / MANIFEST)
+    manifest_name, bundle_name = pair_names(src)  # OUT as a refresh cut after its commit point left it
+    manifest = read_manifest_file(src / manifest_name)
     try:
         check_release_names(manifest)
-        manifest_bytes = (src / MANIFEST).read_bytes()
+        manifest_bytes = (src / manifest_name).read_bytes()
         check_digest(digest_file(src / manifest.artifact), manifest)
         check_checksum_file((src / manifest.checksum).read_bytes(), manifest)
         if not (src / manifest.bundle).is_file():
             raise ReleaseError(f"{src / manifest.bundle}: signature file is missing")
-        if not (src / MANIFEST_BUNDLE).is_file():
+        if not (src / bundle_name).is_file():
             raise ReleaseError(f"{src / MANIFEST_BUNDLE} is missing: the manifest is not signed (otad-release sign it)")
-        if bundle_names_manifest(manifest_bytes, (src / MANIFEST_BUNDLE).read_bytes()) is False:
+        bundle_bytes = (src / bundle_name).read_bytes()
+        if bundle_names_manifest(manifest_bytes, bundle_bytes) is False:
             raise ReleaseError(f"{src / MANIFEST_BUNDLE} does not sign this manifest.json (edited after signing? sign it again)")
     except OSError as exc:
         raise ReleaseError(f"{exc.filename}: cannot read release file ({exc.strerror})") from None
     except OtadError as exc:
         raise ReleaseError(f"refusing to publish {manifest.artifact}: {exc}") from None
-    dst.mkdir(parents=True, exist_ok=True)
+    make_dirs(dst)
     published = dst / manifest.artifact
     # A published version is immutable: gateways may be half way through it.
     already = published.exists()
@@ -153,6 +157,5 @@ def publish_release(from_dir: str, ota_dir: str) -> Manifest:
     for file_name in manifest.files:
         if not (already and file_name == manifest.artifact):
             atomic_copy(src / file_name, dst / file_name)
-    atomic_copy(src / MANIFEST_BUNDLE, dst / MANIFEST_BUNDLE)
-    atomic_write_bytes(dst / MANIFEST, manifest_bytes)
+    write_manifest_pair(dst, manifest_bytes, bundle_bytes)
     return manifest

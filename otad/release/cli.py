@@ -1,4 +1,4 @@
-"""`otad-release`: keygen, sign, verify, build, refresh, publish. Thin: parse, call, report."""
+"""`otad-release`: keygen, sign, verify, build, refresh, publish, rollout. Thin: parse, call, report."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ from otad.release.build import (
     read_manifest_file,
     refresh_manifest,
 )
+from otad.release.rollout_cli import add_rollout_parser
 from otad.release.signers import CosignSigner, GpgSigner, Signer
 from otad.trust.digest import digest_file
 from otad.trust.keys import generate_key_pair, load_private_key, load_public_key_files
@@ -210,6 +211,8 @@ def make_parser() -> ArgumentParser:
     p.add_argument("--from", dest="from_dir", required=True, metavar="OUTDIR")
     p.add_argument("--to", dest="to_dir", required=True, metavar="OTA_DIR")
     p.set_defaults(handler=cmd_publish)
+
+    add_rollout_parser(sub, ArgumentParser)
     return parser
 
 

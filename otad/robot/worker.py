@@ -180,6 +180,7 @@ class Worker:
         self.downloading = (manifest.version, 0, manifest.size)
         log.info("downloading app %s (%d bytes)", manifest.version, manifest.size)
         observed = self.client.download(f"/ota/{manifest.artifact}", part, manifest.size, self._progress)
+        crashpoint("downloaded")
         try:
             verified = verify_artifact(part, manifest, bundle, self.anchors, checksum_bytes=checksum, observed=observed)
         except TrustError:

@@ -84,11 +84,11 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-def refuse_public(path: Path) -> None:
-    """ConfigError if every user on the machine may read or write the token file."""
+def refuse_public(path: Path, what: str = "token file") -> None:
+    """ConfigError if every user on the machine may read or write the token file (or another secret: `what`)."""
     st = os.stat(path)  # OSError: reported by the caller as "cannot read"
     if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError(f"{path}: token file is readable or writable by every user "
+        raise ConfigError(f"{path}: {what} is readable or writable by every user "
                           f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it (or 640 with the daemon's group)")
 
 

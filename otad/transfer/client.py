@@ -5,8 +5,10 @@ Downloads go to `<name>.part` with a `<name>.part.meta` sidecar holding the
 server's ETag; a resume sends `Range` + `If-Range`, so a changed file on the
 server restarts cleanly from zero instead of splicing two versions (the
 truncated part is on disk before `.meta` names the new ETag, so no kill or
-power cut between the two writes can pair old bytes with a new ETag). The file
-is hashed while it arrives; nothing is read twice. Network failures raise
+power cut between the two writes can pair old bytes with a new ETag). A part
+found already complete is kept only if its last byte still answers 206 under
+`If-Range` (a refused part whose deletion a power cut undid must not stand in
+for the file the server has now). The file is hashed while it arrives. Network failures raise
 `TransportError` (the part is kept); a server sending more bytes than the
 signed manifest promised raises `ChecksumMismatch` (the part is deleted).
 
@@ -209,15 +211,30 @@ class HttpClient:
         meta_path = part.with_name(part.name + ".meta")
         have, etag = _resumable(part, meta_path, url, expected_size)
         hasher = _hash_existing(part, have)
-        if have == expected_size and have:
-            return FileDigest(size=have, sha256=hasher.digest())  # finished before a crash
-        headers = {"Range": f"bytes={have}-", "If-Range": etag} if have else {}
         with self._watch(url) as watch:
+            if have == expected_size and have:
+                # Finished before a crash or power cut, then maybe refused (a deletion a cut can undo):
+                # kept only while the server still has that very file, else fetched whole again.
+                if self._unchanged(url, have, etag, watch):
+                    return FileDigest(size=have, sha256=hasher.digest())
+                _discard(part, meta_path)
+                have, hasher = 0, hashlib.sha256()
+            headers = {"Range": f"bytes={have}-", "If-Range": etag} if have else {}
             have, hasher = self._fetch_into(url, part, meta_path, headers, have, etag, expected_size, hasher, progress, watch)
         if have < expected_size:
             reason = watch.tripped or f"connection ended at {have} of {expected_size} bytes"
             raise TransportError(f"GET {url}: {reason}")
         return FileDigest(size=have, sha256=hasher.digest())
+
+    def _unchanged(self, url: str, size: int, etag: str, watch: Progress) -> bool:
+        """True if the server's file is still the one with `etag`: its last byte answers 206 under If-Range."""
+        response = self._get(url, {"Range": f"bytes={size - 1}-", "If-Range": etag}, watch)
+        with response:
+            if response.status_code == 206:
+                return _resumes_at(response, size - 1, etag)
+            if response.status_code in (200, 416):
+                return False
+            raise HttpStatusError(f"GET {url}: HTTP {response.status_code}", response.status_code)
 
     def _fetch_into(self, url, part, meta_path, headers, have, etag, expected_size, hasher, progress, watch):
         """One GET into `part`; returns (bytes now in part, the hasher over them)."""
