@@ -468,3 +468,41 @@ def test_an_approve_phase_waits_for_the_operators_signed_approval(rollsite):
     s.fleet.items = [s.item(**plan, revision=2, approved_phase=1)]
     wait_until(lambda: s.started(1), 20, "phase 1 to start once approved")
     assert s.served("r3") == "2.0.0"
+
+
+def test_with_the_real_dashboard_plans_reports_and_an_approval_flow_end_to_end(tmp_path, role_keys):
+    """No test server in between: a real otad-dashboard holding the rollout key (tests/test_rollout_dashboard.py's
+    open_desk) serves Wire 1 and takes Wire 4 from a real gateway; the operator's approval reaches the site."""
+    from conftest import otad_release as release_cli
+    from fleet import Site
+    from test_rollout_dashboard import API, api, open_desk, plan_fields
+
+    assert release_cli("keygen", "--output-prefix", str(tmp_path / "release")).returncode == 0
+    built = Site(tmp_path, tmp_path / "release.key", tmp_path / "release.pub")
+    built.outs = [built.build("2.0.0", size=1024)]
+    (tmp_path / "desk").mkdir()
+    desk = open_desk(tmp_path / "desk", role_keys, built)
+    try:
+        (desk.root / "robot-tokens").write_text("".join(f"{r} {robot_token(r)}\n" for r in ROBOTS))
+        gw = desk.gateway(ROLLOUT_KEYS=role_keys["folder"] / "rollout.pub", ROBOT_TOKENS_FILE=desk.root / "robot-tokens",
+                          TOKEN_FILE=desk.tokens["gateway_own"]).start()
+        gw.wait_for_log(r"verified app 2\.0\.0")
+        assert api(desk, "POST", API, json=plan_fields()).status_code == 201
+        gw.wait_for_log(r"rollout app-2: took revision 1 \(active, target 2\.0\.0\)")
+        gw.wait_for_log(r"rollout app-2 phase 0: phase 1 waits for an operator's approval")
+        for robot in ROBOTS:  # on 1.0.0, which this gateway never cached
+            assert post_records(gw.url, robot, [metric(robot, 1)]).status_code == 200
+
+        def manifest(robot: str) -> requests.Response:
+            return requests.get(f"{gw.url}/manifest", headers={"Authorization": f"Bearer {robot_token(robot)}"}, timeout=5)
+
+        assert manifest("r1").json()["version"] == "2.0.0"  # the canary
+        waiting = manifest("r5")  # phase 1 or 2: nothing for it yet, and never the target
+        assert waiting.status_code == 404 and "no release for robot r5 now" in waiting.json()["error"]
+        status = wait_until(lambda: (d := api(desk, "GET", f"{API}/app-2").json()) and "gw" in d["site_reports"] and d,
+                            30, "the dashboard to show the site's report")
+        assert status["site_reports"]["gw"]["phases"][0]["started_at"] is not None
+        assert api(desk, "POST", f"{API}/app-2/approve", json={}).status_code == 200
+        gw.wait_for_log(r"rollout app-2 phase 1: started at site gw")
+    finally:
+        desk.stop_all()
