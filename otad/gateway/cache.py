@@ -182,13 +182,17 @@ class Cache:
             return f"{_mib(size)} does not fit in CACHE_MAX_MB={max_bytes // 2**20}{held}"
         return None
 
-    def gc(self, keep_versions: int, max_bytes: int, reserve: int = 0, keep_parts: frozenset[str] = frozenset()) -> list[str]:
-        """Evict the oldest inactive versions beyond the bounds; remove orphans and stale parts."""
+    def gc(self, keep_versions: int, max_bytes: int, reserve: int = 0, keep_parts: frozenset[str] = frozenset(),
+           protect: frozenset[str] = frozenset()) -> list[str]:
+        """Evict the oldest inactive versions beyond the bounds; remove orphans and stale parts.
+
+        `protect`: versions a current rollout plan assigns (its target, the versions it moves
+        from): never evicted, whatever the bounds, so robots can always be given them."""
         with self._lock:
             snapshot = self.snapshot
             releases = dict(snapshot.releases)
             active = snapshot.active.manifest.version if snapshot.active else None
-            evictable = sorted((v for v in releases if v != active), key=Version)
+            evictable = sorted((v for v in releases if v != active and v not in protect), key=Version)
             evicted = []
             while evictable and (len(releases) > keep_versions or sum(r.size for r in releases.values()) + reserve > max_bytes):
                 version = evictable.pop(0)

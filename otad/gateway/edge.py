@@ -1,25 +1,36 @@
 """The gateway's edge listener: what robots on edge_net talk to.
 
 GET/HEAD /manifest (alias /ota/manifest.json), /manifest.bundle (alias
-/ota/manifest.json.bundle), GET/HEAD /ota/<file>, GET /healthz.
+/ota/manifest.json.bundle), GET /rollout.json, GET/HEAD /ota/<file>, GET /healthz,
+POST /metrics. With ROLLOUT_KEYS set, /manifest and its bundle are per robot (Wire 2,
+docs/formats.md): the bearer token names the robot, and it gets the release its
+rollout assigns it now; without a token only if MANIFEST_ALLOW_ANONYMOUS.
 Only files of cached, verified releases are ever served: names are looked up
 in the cache snapshot, never joined onto a path from the request.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
+import time
 from urllib.parse import urlsplit
 
 from otad import __version__
 from otad.gateway.buffer import TelemetryBuffer
-from otad.gateway.cache import Cache
+from otad.errors import OtadError
+from otad.gateway.cache import Cache, CachedRelease
+from otad.gateway.rollouts import Rollouts
 from otad.telemetry.records import MAX_BODY_BYTES, RecordError, parse_batch
 from otad.telemetry.tokens import TokenTable, bearer
 from otad.transfer.files import safe_file_name
+from otad.transfer.http import Validators, content_etag
 from otad.transfer.server import Handler, Server, ServerLimits
+from otad.trust import clock
 
 log = logging.getLogger("otad.gateway")
+MANIFEST_PATHS = ("/manifest", "/ota/manifest.json")
+BUNDLE_PATHS = ("/manifest.bundle", "/ota/manifest.json.bundle")
 CONTENT_TYPES = {".gz": "application/gzip", ".json": "application/json", ".bundle": "application/json"}
 
 
@@ -31,11 +42,19 @@ def content_type(name: str) -> str:
 
 
 class Ingest:
-    """What POST /metrics needs: the buffer and the robots' tokens (swapped on SIGHUP)."""
+    """What the robot routes need: the buffer, the robots' tokens (swapped on SIGHUP), the
+    rollouts (None or disabled: newest release to all) and MANIFEST_ALLOW_ANONYMOUS."""
 
-    def __init__(self, buffer: TelemetryBuffer, tokens: TokenTable | None) -> None:
+    def __init__(self, buffer: TelemetryBuffer, tokens: TokenTable | None, rollouts: Rollouts | None = None,
+                 anonymous: bool = True) -> None:
         self.buffer = buffer
         self.tokens = tokens
+        self.rollouts = rollouts
+        self.anonymous = anonymous
+
+    @property
+    def rolling(self) -> Rollouts | None:
+        return self.rollouts if self.rollouts is not None and self.rollouts.enabled else None
 
 
 def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
@@ -105,22 +124,66 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
                 log.error("telemetry: cannot store records from %s: %s", robot, exc)
                 self.send_error_json(503, "telemetry store unavailable, retry later", [("Retry-After", "5")])
                 return
+            if ingest.rolling is not None:
+                try:
+                    ingest.rolling.observe(records, clock.now())
+                except OtadError as exc:  # the robot sends them again; the buffer drops the duplicates
+                    log.error("rollout: cannot record the events of %s: %s", robot, exc)
+                    self.send_error_json(503, "rollout state unavailable, retry later", [("Retry-After", "5")])
+                    return
             self.send_json(200, {"accepted": accepted, "duplicates": duplicates, "refused": refused})
+
+        def _robot(self) -> tuple[bool, str | None]:
+            """(may go on, the robot the bearer token names). Without rollouts: today's anonymous routes."""
+            if ingest.rolling is None:
+                return True, None
+            token = bearer(self.headers.get("Authorization"))
+            if token is None and ingest.anonymous:
+                return True, None
+            robot = ingest.tokens.identify(token) if token and ingest.tokens else None
+            if robot is None:
+                self.send_error_json(401, "missing or wrong bearer token (robots authenticate with their telemetry token)",
+                                     [("WWW-Authenticate", "Bearer")])
+                return False, None
+            return True, robot
+
+        def _release(self, snapshot, robot: str | None) -> CachedRelease | None:
+            """The release this robot is given now (Wire 2); None after a 404 was sent."""
+            if robot is not None:
+                served = ingest.rolling.serve(robot, set(snapshot.releases), clock.now())
+                release = snapshot.releases.get(served.version) if served.version else None
+                if release is not None:
+                    return release
+                if served.hold:
+                    self.send_error_json(404, f"no release for robot {robot} now: {served.reason}")
+                    return None
+            if snapshot.active is None:
+                self.send_error_json(404, "no verified release cached yet")
+            return snapshot.active
+
+        def _send_signed(self, data: bytes) -> None:
+            # Per robot: the validators are the bytes' own (another robot may get another release).
+            validators = Validators(len(data), content_etag(hashlib.sha256(data).hexdigest()), int(time.time()))
+            self.send_bytes(data, validators, "application/json")
 
         def _route(self) -> None:
             path = urlsplit(self.path).path
             snapshot = cache.snapshot
-            if path in ("/manifest", "/ota/manifest.json"):
-                if snapshot.active is None or snapshot.manifest_validators is None:
-                    self.send_error_json(404, "no verified release cached yet")
+            if path in MANIFEST_PATHS or path in BUNDLE_PATHS or path == "/rollout.json":
+                allowed, robot = self._robot()
+                if not allowed:
                     return
-                self.send_bytes(snapshot.active.manifest_bytes, snapshot.manifest_validators, "application/json")
-            elif path in ("/manifest.bundle", "/ota/manifest.json.bundle"):
-                # The signature of the manifest above, from the same snapshot's release.
-                if snapshot.active is None or snapshot.bundle_validators is None:
-                    self.send_error_json(404, "no verified release cached yet")
+                if path == "/rollout.json":
+                    plans = ingest.rolling.plans_for(robot) if ingest.rolling is not None else []
+                    self.send_json(200, {"plans": plans}, [("Cache-Control", "no-store")])
                     return
-                self.send_bytes(snapshot.active.manifest_bundle, snapshot.bundle_validators, "application/json")
+                if robot is None:  # today's route: the newest verified release
+                    self._send_active(snapshot, path in BUNDLE_PATHS)
+                    return
+                release = self._release(snapshot, robot)
+                if release is not None:
+                    # The bundle is the signature of the manifest above, from the same release.
+                    self._send_signed(release.manifest_bundle if path in BUNDLE_PATHS else release.manifest_bytes)
             elif path.startswith("/ota/"):
                 name = safe_file_name(path[len("/ota/"):])
                 served = snapshot.files.get(name) if name else None
@@ -133,5 +196,13 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
                 self.send_json(200, {"status": "ok", "version": __version__, "release": active})
             else:
                 self.send_error_json(404, "not found")
+
+        def _send_active(self, snapshot, bundle: bool) -> None:
+            validators = snapshot.bundle_validators if bundle else snapshot.manifest_validators
+            if snapshot.active is None or validators is None:
+                self.send_error_json(404, "no verified release cached yet")
+                return
+            self.send_bytes(snapshot.active.manifest_bundle if bundle else snapshot.active.manifest_bytes,
+                            validators, "application/json")
 
     return Server(address, EdgeHandler, ssl_context, limits)

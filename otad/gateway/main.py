@@ -13,7 +13,9 @@ from otad.gateway.cache import Cache
 from otad.gateway.edge import Ingest, make_edge_server
 from otad.gateway.forwarder import Forwarder
 from otad.gateway.settings import DEFAULT_CONFIG, GatewaySettings
+from otad.gateway.rollouts import Rollouts
 from otad.gateway.sync import Syncer
+from otad.trust import clock
 from otad.telemetry.tokens import TokenTable, check_private, read_own_token
 from otad.transfer.client import TransferLimits
 from otad.transfer.server import ServerLimits
@@ -39,10 +41,12 @@ class Gateway(Daemon):
         self.cache.load()
         self.buffer = TelemetryBuffer(self.settings.telemetry_path, self.settings.telemetry_max_mb * 2**20)
         self.buffer.start()
-        self.ingest = Ingest(self.buffer, None)
-        self.forwarder = Forwarder(self.buffer, self.forward_beat)
-        self._load_tokens(self.settings)
         settings = self.settings
+        self.rollouts = Rollouts(settings.state_dir, settings.gateway_id, settings.rollout_keys, settings.trusted_keys, clock.now())
+        self.ingest = Ingest(self.buffer, None, self.rollouts, settings.anonymous_manifest)
+        self.forwarder = Forwarder(self.buffer, self.forward_beat)
+        self.syncer = Syncer(self.settings, self.cache, self.sync_beat, self.rollouts)
+        self._load_tokens(self.settings)
         context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
         limits = ServerLimits(header_timeout=settings.header_timeout)
         self.server = make_edge_server(settings.listen, self.cache, self.ingest, context, limits)
@@ -51,7 +55,6 @@ class Gateway(Daemon):
                         plain_http_warning(self.server.url, "edge listener") if not is_loopback(settings.listen[0]) else None):
             if warning:
                 log.warning("%s", warning)
-        self.syncer = Syncer(self.settings, self.cache, self.sync_beat)
         self.adopt(self.buffer.thread)
         self.watch(self.server.start_thread("edge"))
         self.sync_thread = self.spawn("sync", self.syncer.run)
@@ -76,6 +79,8 @@ class Gateway(Daemon):
         if own is None:
             log.warning("telemetry forwarding disabled: TOKEN_FILE is not set (records stay buffered)")
         self.ingest.tokens = robots
+        self.ingest.anonymous = settings.anonymous_manifest
+        self.syncer.token = own
         limits = TransferLimits(settings.connect_timeout, settings.read_timeout)
         self.forwarder.configure(settings.dashboard_url, settings.gateway_id, own, settings.forward_batch,
                                  settings.backoff_max, limits, client_tls(settings, "dashboard_ca_file"))

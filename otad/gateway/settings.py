@@ -5,9 +5,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from otad.config import http_url, identifier, listen_address, optional_path, path, seconds, setting, whole
+from otad.config import boolean, http_url, identifier, listen_address, optional_path, path, seconds, setting, whole
 from otad.errors import ConfigError
-from otad.keyconfig import check_trust, trusted_gpg_keyring, trusted_keys
+from otad.keyconfig import check_trust, rollout_keys, trusted_gpg_keyring, trusted_keys
+from otad.rollout.signed import check_key_split
 from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
 
@@ -16,6 +17,10 @@ DEFAULT_CONFIG = "/etc/otad/gateway.conf"
 
 def _default_gateway_id() -> str:
     return socket.gethostname().split(".")[0] or "gateway"
+
+
+def _auto_boolean(raw: str) -> bool | None:
+    return None if not raw.strip() else boolean(raw)
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,26 @@ class GatewaySettings:
     tls_key: Path | None = setting(optional_path, "", "its private key (PEM, chmod 600)")
     tls_client_ca: Path | None = setting(optional_path, "", "require robot client certificates signed by this CA")
     header_timeout: int = setting(seconds, "20", "a request's header section must arrive within this many seconds")
+    # Staged rollouts (issue 15, docs/formats.md "Rollout plan"): empty keeps the newest release for all robots.
+    rollout_keys: tuple[PublicKey, ...] = setting(rollout_keys, "", "rollout public keys (sign plans); never a TRUSTED_KEYS key; empty: no rollouts")
+    manifest_allow_anonymous: bool | None = setting(_auto_boolean, "", "serve /manifest without a robot token; empty: yes without ROLLOUT_KEYS, no with them")
 
     def check(self) -> None:
         check_trust(self.trusted_keys, self.trusted_gpg_keyring)
         check_client_files(self.dashboard_ca_file, self.client_cert, self.client_key, "DASHBOARD_CA_FILE")
         if self.tls_cert is None and (self.tls_key or self.tls_client_ca):
             raise ConfigError("TLS_KEY/TLS_CLIENT_CA are set but TLS_CERT is not")
+        try:
+            check_key_split(self.trusted_keys, self.rollout_keys)
+        except ValueError as exc:
+            raise ConfigError(f"ROLLOUT_KEYS: {exc}") from None
+
+    @property
+    def anonymous_manifest(self) -> bool:
+        """MANIFEST_ALLOW_ANONYMOUS, or its default: robots not yet upgraded keep working without rollouts."""
+        if self.manifest_allow_anonymous is None:
+            return not self.rollout_keys
+        return self.manifest_allow_anonymous
 
     @property
     def cache_path(self) -> Path:

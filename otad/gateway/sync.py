@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from otad.errors import OtadError, TransportError, TrustError
 from otad.gateway.cache import Cache
 from otad.gateway.floor import FloorStore
+from otad.gateway.rollouts import MAX_PLANS_BYTES, Rollouts
 from otad.gateway.settings import GatewaySettings
 from otad.transfer.backoff import Backoff, ManifestPoll, jittered
 from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
@@ -39,6 +40,8 @@ from otad.trust.verify import TrustAnchors, verify_artifact
 from otad.daemon import Heartbeat
 
 log = logging.getLogger("otad.gateway")
+ROLLOUTS_PATH = "/rollouts.json"  # Wire 1 (docs/formats.md)
+SITE_REPORT_PATH = "/rollouts/site-report"  # Wire 4
 
 
 @dataclass
@@ -53,8 +56,11 @@ class SyncState:
 
 
 class Syncer:
-    def __init__(self, settings: GatewaySettings, cache: Cache, heartbeat: Heartbeat) -> None:
+    def __init__(self, settings: GatewaySettings, cache: Cache, heartbeat: Heartbeat, rollouts: Rollouts | None = None) -> None:
         self.cache = cache
+        self.rollouts = rollouts
+        self.token: str | None = None  # this gateway's dashboard token (Wire 4), set by main
+        self._rollout_error: str | None = None
         self.heartbeat = heartbeat
         self.state = SyncState()
         self._wake = threading.Event()
@@ -81,6 +87,8 @@ class Syncer:
             old.close()
         self._next_gc = 0.0  # new bounds apply now, not at the old interval's end
         self._polls.reset()  # e.g. CACHE_MAX_MB raised or a key added: a refused manifest may pass now
+        if self.rollouts is not None:
+            self.rollouts.configure(settings.rollout_keys, settings.trusted_keys)
         self._wake.set()
 
     def stop(self) -> None:
@@ -99,15 +107,22 @@ class Syncer:
 
     # -- one poll -------------------------------------------------------------------
     def sync_once(self) -> float:
-        """Poll once; return seconds until the next poll."""
+        """Poll once (the release, then the rollout plans); return seconds until the next poll."""
+        delay, reachable = self._sync_release()
+        if self.rollouts is not None and self.rollouts.enabled:
+            self._sync_rollouts(reachable)
+        return delay
+
+    def _sync_release(self) -> tuple[float, bool]:
+        """(delay, the dashboard answered)."""
         try:
             self._poll()
         except TransportError as exc:
-            return self._network_failure(str(exc))
+            return self._network_failure(str(exc)), False
         except TrustError as exc:  # e.g. a /manifest over 64 KiB: the server is at fault, retry later
-            return self._network_failure(f"refused the dashboard's answer: {exc}")
+            return self._network_failure(f"refused the dashboard's answer: {exc}"), True
         except OtadError as exc:  # e.g. disk full while installing: retry like a network error
-            return self._network_failure(f"cannot install: {exc}")
+            return self._network_failure(f"cannot install: {exc}"), True
         finally:
             self.state.downloading = None
         self._backoff.success()
@@ -115,7 +130,58 @@ class Syncer:
             log.info("dashboard reachable again after %.0fs", time.time() - self.state.wan_down_since)
         self.state.wan_down_since = None
         self.state.last_error = None
-        return jittered(self.settings.poll_interval)
+        return jittered(self.settings.poll_interval), True
+
+    # -- rollouts (issue 15) ------------------------------------------------------------
+    def _sync_rollouts(self, reachable: bool) -> None:
+        """Wire 1 when the dashboard answers; then the site's phase decisions, online or not;
+        then Wire 4 (the site's report) while it is reachable."""
+        now = clock.now()
+        online = reachable and self._fetch_plans(now)
+        try:
+            self.rollouts.expire(now)
+            self.rollouts.decide(now, online)
+            if online:
+                self._send_reports(now)
+        except OtadError as exc:  # e.g. disk full: the decision is made again at the next poll
+            log.error("rollout: cannot persist the site's rollout state: %s", exc)
+
+    def _fetch_plans(self, now: float) -> bool:
+        try:
+            fetched = self.client.get_small(ROLLOUTS_PATH, MAX_PLANS_BYTES)
+        except TransportError as exc:
+            self._rollout_problem(f"cannot fetch the dashboard's rollout plans (the site counts as offline): {exc}")
+            return False
+        except TrustError as exc:
+            self._rollout_problem(f"refused the dashboard's rollouts.json (the site counts as offline): {exc}")
+            return False
+        self._rollout_error = None
+        self.rollouts.take_plans(fetched.body, now)
+        return True
+
+    def _send_reports(self, now: float) -> None:
+        if self.token is None:
+            self._rollout_problem("site reports not sent: TOKEN_FILE is not set")
+            return
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        for rid, body, digest in self.rollouts.reports(now):
+            try:
+                status, reply = self.client.post(SITE_REPORT_PATH, body, headers)
+            except TransportError as exc:
+                self._rollout_problem(f"site report for rollout {rid} not sent, retrying: {exc}")
+                return
+            if status != 200:
+                error = reply.get("error") if isinstance(reply, dict) else None
+                self._rollout_problem(f"the dashboard refused the site report for rollout {rid} (HTTP {status}"
+                                      f"{': ' + str(error)[:200] if error else ''}), retrying")
+                continue
+            self.rollouts.reported(rid, digest)
+            log.info("rollout %s: site report sent to the dashboard", rid)
+
+    def _rollout_problem(self, reason: str) -> None:
+        if reason != self._rollout_error:
+            log.warning("rollout: %s", reason)
+        self._rollout_error = reason
 
     def _network_failure(self, reason: str) -> float:
         delay = min(self._backoff.failure(), self.settings.backoff_max)
@@ -183,7 +249,7 @@ class Syncer:
         artifact = self.cache.cached_artifact(manifest)
         if artifact is None:
             self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, reserve=manifest.size,
-                          keep_parts=frozenset({self.cache.partial_path(manifest.artifact).name}))
+                          keep_parts=frozenset({self.cache.partial_path(manifest.artifact).name}), protect=self._protected())
             artifact = self.cache.partial_path(manifest.artifact)
             self._pending_part = artifact.name
             self.state.downloading, self.state.received, self.state.total = manifest.version, 0, manifest.size
@@ -231,9 +297,14 @@ class Syncer:
         self._next_gc = now + self.settings.cache_gc_interval
         keep = frozenset({self._pending_part}) if self._pending_part else frozenset()
         try:
-            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, keep_parts=keep)
+            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, keep_parts=keep,
+                          protect=self._protected())
         except OSError as exc:
             log.error("cache gc failed: %s", exc)
+
+
+    def _protected(self) -> frozenset[str]:
+        return self.rollouts.needed_versions() if self.rollouts is not None and self.rollouts.enabled else frozenset()
 
 
 class CacheFull(TrustError):

@@ -1,0 +1,508 @@
+"""Staged rollouts at the site (issue 15): a real otad-gateway, real HTTP, real keys, real files.
+
+The dashboard's rollout half (Wire 1 GET /rollouts.json, Wire 4 POST
+/rollouts/site-report) is written in parallel, so `FleetSide` plays it: a small
+real HTTP server in this test that serves plans signed here with
+otad.rollout.signed.sign_plan and a rollout key from `otad-release keygen`,
+records the site reports, and passes every other request (/manifest, /ota/...,
+/metrics) to a real otad-dashboard. A FaultProxy in front of it is the WAN.
+Robots are HTTP clients with their telemetry tokens (the robot's own checks
+are another test's): they report their version and update events through the
+gateway's POST /metrics, as the telemetry agent does, and ask GET /manifest.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from fleet import GATEWAY_TOKEN, metric, post_records, robot_token, write_tokens
+from harness import run_command, wait_until, write_config
+from otad.demo.faultproxy import FaultProxy
+from otad.rollout.signed import sign_plan
+from otad.trust.keys import load_private_key
+from rollouts import make_plan
+
+ROBOTS = ["r1", "r2", "r3", "r4", "r5", "r6"]
+ROLLOUT = "app-2.0.0"
+PASS_HEADERS = ("If-None-Match", "If-Modified-Since", "Range", "If-Range", "Authorization", "Content-Type", "Content-Encoding")
+BACK_HEADERS = ("ETag", "Last-Modified", "Content-Type", "Content-Range", "Accept-Ranges", "Cache-Control")
+
+
+class FleetSide:
+    """The dashboard's rollout half for the test; everything else goes to the real dashboard."""
+
+    def __init__(self, upstream: str) -> None:
+        self.items: list[dict] = []
+        self.body: bytes | None = None  # raw Wire 1 body instead of `items` (hostile bodies)
+        self.reports: list[dict] = []
+        self.polls = 0
+        self.report_auth: set[str] = set()
+        fleet = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/rollouts.json":
+                    fleet.polls += 1
+                    body = fleet.body if fleet.body is not None else json.dumps({"plans": fleet.items}).encode()
+                    self._answer(200, body, [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
+                    return
+                self._pass("GET", None)
+
+            do_HEAD = do_GET
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/rollouts/site-report":
+                    fleet.reports.append(json.loads(body))
+                    fleet.report_auth.add(self.headers.get("Authorization", ""))
+                    self._answer(200, b'{"ok": true}', [("Content-Type", "application/json")])
+                    return
+                self._pass("POST", body)
+
+            def _pass(self, method: str, body: bytes | None) -> None:
+                headers = {k: self.headers[k] for k in PASS_HEADERS if self.headers.get(k)}
+                reply = requests.request(method, upstream + self.path, headers=headers, data=body, timeout=10)
+                self._answer(reply.status_code, reply.content, [(k, reply.headers[k]) for k in BACK_HEADERS if k in reply.headers])
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def latest_report(self) -> dict | None:
+        return self.reports[-1] if self.reports else None
+
+
+class RolloutSite:
+    def __init__(self, site, role_keys, root: Path) -> None:
+        self.site, self.root = site, root
+        self.rollout_key = role_keys["rollout"][0]
+        self.rollout_pub = role_keys["folder"] / "rollout.pub"
+        self.stranger_key = role_keys["release"][0]  # a real key this gateway does not trust at all
+        self.release_key = load_private_key(site.key.read_bytes(), b"test-password", site.key.name)
+        self.tokens = write_tokens(root, ROBOTS)
+        site.release("1.0.0")
+        self.fleet = FleetSide(site.dashboard.url)
+        self.wan = FaultProxy(("127.0.0.1", int(self.fleet.url.rsplit(":", 1)[1])))
+        self.gw = None
+        self.seq = {r: 0 for r in ROBOTS}
+
+    def item(self, key=None, **overrides) -> dict:
+        signed = sign_plan(make_plan(**overrides), key or self.rollout_key)
+        return {"plan": signed.data.decode(), "bundle": json.loads(signed.bundle)}
+
+    def start(self, **overrides):
+        self.gw = self.site.gateway(self.wan.url, ROLLOUT_KEYS=self.rollout_pub, ROBOT_TOKENS_FILE=self.tokens["robots"],
+                                    TOKEN_FILE=self.tokens["gateway_own"], **overrides).start()
+        return self.gw
+
+    def restart(self):
+        self.gw = self.gw.start()
+        return self.gw
+
+    @property
+    def state(self) -> Path:
+        return self.root / "gw-state" / "rollout"
+
+    def site_state(self) -> dict:
+        return json.loads((self.state / "site.json").read_text())
+
+    def report(self, robot: str, **record) -> None:
+        self.seq[robot] += 1
+        base = metric(robot, self.seq[robot])
+        if record.get("type") == "event":
+            base = {k: v for k, v in base.items() if k not in ("cpu", "mem", "health")}
+            base.setdefault("detail", "")
+        reply = post_records(self.gw.url, robot, [{**base, **record}])
+        assert reply.status_code == 200, reply.text
+
+    def event(self, robot: str, name: str, phase: int, version: str = "2.0.0") -> None:
+        self.report(robot, type="event", event=name, version=version, detail="", rollout_id=ROLLOUT, phase=phase)
+
+    def served(self, robot: str | None) -> str | None:
+        headers = {"Authorization": f"Bearer {robot_token(robot)}"} if robot else {}
+        reply = requests.get(f"{self.gw.url}/manifest", headers=headers, timeout=5)
+        if reply.status_code == 404:
+            return None
+        assert reply.status_code == 200, reply.text
+        return reply.json()["version"]
+
+    def started(self, phase: int) -> bool:
+        return f"rollout {ROLLOUT} phase {phase}: started at site gw" in self.gw.log()
+
+    def close(self) -> None:
+        self.wan.close()
+        self.fleet.close()
+
+
+@pytest.fixture
+def rollsite(site, role_keys, tmp_path):
+    s = RolloutSite(site, role_keys, tmp_path)
+    yield s
+    s.close()
+
+
+def take_first_plan(s: RolloutSite, **plan) -> None:
+    """Gateway on 1.0.0, robots report 1.0.0, 2.0.0 is published and cached, then the plan is taken."""
+    gw = s.start()
+    gw.wait_for_log(r"verified app 1\.0\.0")
+    for robot in ROBOTS:
+        s.report(robot)  # version 1.0.0
+    s.site.release("2.0.0")
+    gw.wait_for_log(r"verified app 2\.0\.0")  # no robot asks before the plan is there
+    s.fleet.items = [s.item(**plan)]
+    gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: started")
+
+
+def soaked(s: RolloutSite, phase: int, soak: int) -> None:
+    """Wait until `phase` soaked `soak` seconds here and the gateway polled twice since: a next phase
+    that was going to start has started by then."""
+    started = float(s.site_state()["rollouts"][ROLLOUT]["started"][str(phase)])
+    wait_until(lambda: time.time() > started + soak, soak + 30, f"phase {phase}'s soak to end")
+    polls = s.fleet.polls
+    wait_until(lambda: s.fleet.polls >= polls + 2, 30, "two more polls")
+
+
+def two_phases(soak: int, **extra) -> dict:
+    return dict(phases=[
+        {"robots": ["r1", "r2"], "percent": 0, "min_soak_s": soak, "advance": "auto",
+         "halt": {"site": {"max_failures": 0, "min_attempts": 1}}},
+        {"robots": [], "percent": 100, "min_soak_s": 0, "advance": "auto", "halt": {}},
+    ], offline_max_phase=0, **extra)
+
+
+class PhaseWatch:
+    """Asks every robot's /manifest over and over: a robot given 2.0.0 before its phase started is a violation."""
+
+    def __init__(self, s: RolloutSite, phase_of: dict[str, int]) -> None:
+        self.s, self.phase_of = s, phase_of
+        self.violations: list[str] = []
+        self.seen: dict[str, set] = {r: set() for r in phase_of}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            for robot, phase in self.phase_of.items():
+                try:
+                    version = self.s.served(robot)
+                except requests.RequestException:
+                    continue  # the gateway is being restarted
+                self.seen[robot].add(version)
+                # The log line is written under the lock that serving takes: read after, it is there.
+                if version == "2.0.0" and not self.s.started(phase):
+                    self.violations.append(f"{robot} (phase {phase}) was given 2.0.0 before its phase started")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(30)
+
+
+def test_robots_get_only_what_their_phase_allows_and_the_next_phase_starts_after_its_soak(rollsite):
+    s = rollsite
+    take_first_plan(s, **two_phases(soak=4))
+    watch = PhaseWatch(s, {"r1": 0, "r2": 0, "r3": 1, "r4": 1, "r5": 1, "r6": 1})
+    try:
+        wait_until(lambda: s.served("r1") == "2.0.0" and s.served("r2") == "2.0.0", 20, "the canary to be given 2.0.0")
+        assert s.served("r3") == "1.0.0"  # its own version while it waits
+        for robot in ("r1", "r2"):
+            s.report(robot, version="2.0.0")
+            s.event(robot, "installed", 0)
+            s.event(robot, "committed", 0)
+        wait_until(lambda: s.started(1), 30, "phase 1 to start after the canary's soak")
+        wait_until(lambda: all(s.served(r) == "2.0.0" for r in ROBOTS[2:]), 20, "phase 1 robots to be given 2.0.0")
+    finally:
+        watch.stop()
+    assert watch.violations == []
+    assert watch.seen["r3"] == {"1.0.0", "2.0.0"}
+    started = {int(k): v for k, v in s.site_state()["rollouts"][ROLLOUT]["started"].items()}
+    assert started[1] - started[0] >= 4, started
+    offered = {tuple(e[:3]) for e in s.site_state()["rollouts"][ROLLOUT]["events"] if e[2] == "offered"}
+    assert {("r1", 0, "offered"), ("r2", 0, "offered"), ("r3", 1, "offered")} <= offered
+    # Wire 4: what the site decided, with the gateway's token.
+    report = wait_until(lambda: (r := s.fleet.latest_report()) and r["phases"][1]["started_at"] and r, 20, "the site report")
+    assert report["site"] == "gw" and report["rollout_id"] == ROLLOUT and report["revision"] == 1
+    assert report["phases"][0]["counts"]["committed"] == 2 and report["halted"] is None
+    assert s.fleet.report_auth == {f"Bearer {GATEWAY_TOKEN}"}
+
+
+def test_a_site_halts_on_its_canarys_rollback_with_the_dashboard_unreachable(rollsite):
+    s = rollsite
+    take_first_plan(s, **two_phases(soak=5, on_halt="rollback", offline_policy="continue"))
+    wait_until(lambda: s.served("r2") == "2.0.0", 20, "the canary to be given 2.0.0")
+    s.report("r2", version="2.0.0")
+    s.event("r2", "committed", 0)
+    s.wan.refuse(True)  # the WAN goes down
+    s.event("r1", "rolled_back", 0)
+    s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: site gw halted \(robots on the target return\): phase 0 at site gw: 1 failed")
+    # on_halt=rollback: r2, which committed 2.0.0, is given the release it came from; the others keep 1.0.0.
+    wait_until(lambda: s.served("r2") == "1.0.0", 10, "r2 to be sent back to 1.0.0")
+    assert [s.served(r) for r in ("r1", "r3", "r4")] == ["1.0.0"] * 3
+    s.gw.wait_for_log(r"sync failed")  # it is dark: decisions above were taken offline
+    s.wan.refuse(False)
+    report = wait_until(lambda: (r := s.fleet.latest_report()) and r["halted"] and r, 30, "the site report after the WAN returns")
+    assert "phase 0 at site gw: 1 failed" in report["halted"]["reason"]
+    assert report["phases"][0]["halted_at"] == report["halted"]["at"] and report["phases"][1]["started_at"] is None
+    assert report["phases"][0]["counts"] == {"attempts": 2, "committed": 1, "failed": 1}
+    soaked(s, 0, 5)
+    assert not s.started(1) and s.served("r5") == "1.0.0"  # soaked, and it still goes no further
+
+
+@pytest.mark.parametrize("policy", ["hold", "continue"])
+def test_a_dark_site_holds_or_continues_up_to_offline_max_phase(rollsite, policy):
+    """Dark for longer than the soak: `hold` starts no phase until the dashboard is heard from again;
+    `continue` starts phase 1 on its own and stops at offline_max_phase 1. A phase's start time says when
+    it started, so one that started in the dark would be dated before the WAN came back."""
+    s = rollsite
+    phases = [{"robots": [r], "percent": 0, "min_soak_s": soak, "advance": "auto", "halt": {}}
+              for r, soak in (("r1", 4), ("r2", 1), ("r3", 1))]
+    s.fleet.items = [s.item(phases=phases, offline_policy=policy, offline_max_phase=1, on_halt="pause")]
+    gw = s.start()
+    gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: started")
+    s.wan.refuse(True)
+    started0 = wait_until(lambda: (s.state / "site.json").exists() and s.site_state()["rollouts"][ROLLOUT]["started"].get("0"),
+                          10, "phase 0's start time on disk")
+    if policy == "hold":
+        gw.wait_for_log(r"offline_policy=hold: no new phase")
+    else:
+        gw.wait_for_log(rf"rollout {ROLLOUT} phase 1: started")
+        gw.wait_for_log(r"phase 2 is beyond offline_max_phase 1")
+    wait_until(lambda: time.time() > started0 + 4 + 1 + 4, 30, "the dark site to be past both soaks and a few polls")
+    back = time.time()
+    s.wan.refuse(False)
+    wait_until(lambda: s.started(2), 30, "the phases to go on once the dashboard is heard from")
+    started = {int(k): v for k, v in s.site_state()["rollouts"][ROLLOUT]["started"].items()}
+    assert started[2] >= back
+    if policy == "hold":
+        assert started[1] >= back
+    else:
+        assert started0 + 4 <= started[1] < back
+
+
+def test_an_old_revision_replayed_by_the_dashboard_url_is_refused_also_after_a_restart(rollsite):
+    s = rollsite
+    revision1 = s.item(**two_phases(soak=0))
+    revision2 = s.item(**two_phases(soak=0), revision=2, state="paused", reason="operator paused")
+    take_first_plan(s, **two_phases(soak=0))
+    s.fleet.items = [revision2]
+    s.gw.wait_for_log(rf"rollout {ROLLOUT}: took revision 2 \(paused")
+    s.fleet.items = [revision1]
+    s.gw.wait_for_log(rf"refused revision 1: plan {ROLLOUT} revision 1 is older than revision 2, already seen: a replay")
+    assert s.served("r3") == "1.0.0" and s.served("r1") == "1.0.0"  # paused: nobody moves
+    s.gw.kill9()
+    s.restart()
+    s.gw.wait_for_log(rf"refused revision 1: plan {ROLLOUT} revision 1 is older than revision 2")
+    assert s.served("r1") == "1.0.0"
+    plans = requests.get(f"{s.gw.url}/rollout.json", headers={"Authorization": f"Bearer {robot_token('r1')}"}, timeout=5).json()
+    assert [json.loads(p["plan"])["revision"] for p in plans["plans"]] == [2]
+
+
+@pytest.mark.parametrize("signer", ["untrusted", "release"])
+def test_a_plan_signed_by_an_untrusted_key_or_by_the_release_key_is_refused(rollsite, signer):
+    s = rollsite
+    key = s.stranger_key if signer == "untrusted" else s.release_key
+    s.fleet.items = [s.item(key=key, **two_phases(soak=0))]
+    gw = s.start()
+    expect = "signed by an unknown key" if signer == "untrusted" else "signed by the release key release.pub"
+    gw.wait_for_log(rf"rollout: refused plan \(item 0 of rollouts.json\): .*{expect}")
+    assert not (s.state / "plans.json").exists()
+    reply = requests.get(f"{gw.url}/rollout.json", headers={"Authorization": f"Bearer {robot_token('r3')}"}, timeout=5)
+    assert reply.json() == {"plans": []}
+
+
+def test_kill9_mid_rollout_keeps_phase_start_times_and_counts(rollsite):
+    s = rollsite
+    take_first_plan(s, **two_phases(soak=3600))
+    wait_until(lambda: s.served("r1") == "2.0.0", 20, "the canary to be given 2.0.0")
+    s.report("r1", version="2.0.0")
+    s.event("r1", "committed", 0)
+    before = s.site_state()["rollouts"][ROLLOUT]
+    s.gw.kill9()
+    s.wan.refuse(True)  # it comes back dark: only what it persisted counts
+    s.restart()
+    watch = PhaseWatch(s, {"r2": 0, "r3": 1, "r4": 1})
+    try:
+        wait_until(lambda: s.served("r2") == "2.0.0", 20, "the canary to be given 2.0.0 from the kept plan")
+        s.gw.wait_for_log(r"sync failed")
+    finally:
+        watch.stop()
+    assert watch.violations == [] and watch.seen["r3"] == {"1.0.0"}
+    after = s.site_state()["rollouts"][ROLLOUT]
+    assert after["started"] == before["started"]
+    assert [e for e in after["events"] if e[2] == "committed"] == [e for e in before["events"] if e[2] == "committed"]
+    s.wan.refuse(False)
+    report = wait_until(lambda: (r := s.fleet.latest_report()) and r["phases"][0]["counts"]["committed"] == 1 and r, 30, "report")
+    assert report["phases"][0]["started_at"] == before["started"]["0"]
+
+
+def test_manifest_wants_a_robot_token_unless_the_compatibility_switch(rollsite):
+    s = rollsite
+    gw = s.start()
+    gw.wait_for_log(r"verified app 1\.0\.0")
+    reply = requests.get(f"{gw.url}/manifest", timeout=5)
+    assert reply.status_code == 401 and "bearer token" in reply.json()["error"]
+    assert requests.get(f"{gw.url}/manifest", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+    assert requests.get(f"{gw.url}/rollout.json", timeout=5).status_code == 401
+    assert s.served("r1") == "1.0.0"  # with its token
+    gw.stop()
+    config = Path(str(gw.config))
+    config.write_text(config.read_text() + "MANIFEST_ALLOW_ANONYMOUS=1\n")
+    gw.start()
+    assert s.served(None) == "1.0.0"
+
+
+def test_without_rollout_keys_the_manifest_is_the_newest_for_all_without_a_token(site):
+    site.release("1.0.0")
+    gw = site.gateway().start()
+    gw.wait_for_log(r"verified app 1\.0\.0")
+    assert requests.get(f"{gw.url}/manifest", timeout=5).json()["version"] == "1.0.0"
+    assert requests.get(f"{gw.url}/rollout.json", timeout=5).json() == {"plans": []}
+
+
+def test_a_rollout_key_that_is_also_a_release_key_is_refused_at_config_check(site, tmp_path):
+    config = write_config(tmp_path / "bad.conf", {"DASHBOARD_URL": "http://127.0.0.1:9", "TRUSTED_KEYS": site.pub,
+                                                  "ROLLOUT_KEYS": site.pub, "STATE_DIR": tmp_path / "s"})
+    result = run_command("otad-gateway", "--config", str(config), "--check-config")
+    assert result.returncode == 1
+    assert "ROLLOUT_KEYS" in result.stderr and "is also a release key" in result.stderr
+
+
+def test_gc_never_evicts_a_version_a_current_plan_assigns(rollsite):
+    """CACHE_KEEP_VERSIONS=1 would evict 1.0.0 once 2.0.0 is cached; the plan moves robots from 1.0.0
+    (and on_halt=rollback returns them there), so it stays and robots waiting for their phase get it."""
+    s = rollsite
+    s.fleet.items = [s.item(**two_phases(soak=3600, on_halt="rollback"))]
+    gw = s.start(CACHE_KEEP_VERSIONS=1)
+    gw.wait_for_log(r"verified app 1\.0\.0")
+    gw.wait_for_log(rf"rollout {ROLLOUT}: took revision 1")
+    s.site.release("2.0.0")
+    gw.wait_for_log(r"verified app 2\.0\.0")
+    s.site.release("2.1.0")  # beyond the plan: GC may take the older unassigned versions, never 1.0.0 or 2.0.0
+    gw.wait_for_log(r"verified app 2\.1\.0")
+    files = {p.name for p in (s.root / "gw-state" / "cache" / "files").iterdir()}
+    assert {"app-v1.0.0.tar.gz", "app-v2.0.0.tar.gz", "app-v2.1.0.tar.gz"} <= files, files
+    for robot in ROBOTS:
+        s.report(robot)
+    assert s.served("r3") == "1.0.0" and s.served("r1") == "2.0.0"
+
+
+def test_a_fleet_abort_wins_over_the_sites_own_advance(rollsite):
+    s = rollsite
+    plan = two_phases(soak=6, on_halt="rollback")
+    take_first_plan(s, **plan)
+    wait_until(lambda: s.served("r1") == "2.0.0", 20, "the canary to be given 2.0.0")
+    s.report("r1", version="2.0.0")
+    s.event("r1", "committed", 0)
+    s.fleet.items = [s.item(**plan, revision=2, state="aborted", reason="phase 0 fleet-wide: 3 failed")]
+    s.gw.wait_for_log(rf"rollout {ROLLOUT}: took revision 2 \(aborted")
+    s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: rollout {ROLLOUT} is aborted: phase 0 fleet-wide: 3 failed")
+    assert s.served("r1") == "1.0.0"  # on_halt=rollback: back to where it came from
+    soaked(s, 0, 6)
+    assert not s.started(1) and s.served("r3") == "1.0.0"
+    report = wait_until(lambda: (r := s.fleet.latest_report()) and r["revision"] == 2 and r, 20, "the report of revision 2")
+    assert report["phases"][1]["started_at"] is None
+
+
+def test_hostile_wire1_bodies_are_refused_and_the_kept_plan_stays(rollsite):
+    """tests/corpus/wire1-cases.json through a real gateway, plus cases signed now: each is refused with
+    its one-line reason, the gateway keeps running and keeps carrying out the plan it had."""
+    s = rollsite
+    take_first_plan(s, **two_phases(soak=3600))
+    corpus = Path(__file__).parent / "corpus"
+    cases = [(c["id"], (corpus / c["file"]).read_bytes(), c["expect"]) for c in json.loads((corpus / "wire1-cases.json").read_text())]
+    good = s.item(**two_phases(soak=3600), revision=3)
+    pretty = {**good, "plan": json.dumps(json.loads(good["plan"]), indent=1)}
+    expired = s.item(**two_phases(soak=3600), revision=3, expires="2020-01-01T00:00:00Z")
+    tampered = {**good, "plan": good["plan"].replace('"min_soak_s":3600', '"min_soak_s":0')}
+    cases += [("non-canonical", json.dumps({"plans": [pretty]}).encode(), "not in canonical form"),
+              ("expired", json.dumps({"plans": [expired]}).encode(), "expired at 2020-01-01T00:00:00Z"),
+              ("tampered", json.dumps({"plans": [tampered]}).encode(), "the bundle signs other bytes than this plan")]
+    for case, body, expect in cases:
+        offset = len(s.gw.log())
+        s.fleet.body = body
+        wait_until(lambda: expect in s.gw.log()[offset:], 20, f"case {case}: the gateway to log {expect!r}")
+        assert s.gw.running(), case
+    plans = requests.get(f"{s.gw.url}/rollout.json", headers={"Authorization": f"Bearer {robot_token('r1')}"}, timeout=5).json()
+    assert [json.loads(p["plan"])["revision"] for p in plans["plans"]] == [1]
+    assert s.served("r1") == "2.0.0" and s.served("r3") == "1.0.0"
+
+
+def test_every_wire1_corpus_file_has_a_row_and_every_row_a_file():
+    corpus = Path(__file__).parent / "corpus"
+    rows = {c["file"] for c in json.loads((corpus / "wire1-cases.json").read_text())}
+    files = {f"wire1/{p.name}" for p in (corpus / "wire1").iterdir()}
+    assert rows == files
+
+
+def test_an_approve_phase_waits_for_the_operators_signed_approval(rollsite):
+    s = rollsite
+    plan = two_phases(soak=0)
+    plan["phases"][0]["advance"] = "approve"
+    take_first_plan(s, **plan)
+    s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: phase 1 waits for an operator's approval")
+    assert not s.started(1) and s.served("r3") == "1.0.0"
+    s.fleet.items = [s.item(**plan, revision=2, approved_phase=1)]
+    wait_until(lambda: s.started(1), 20, "phase 1 to start once approved")
+    assert s.served("r3") == "2.0.0"
+
+
+def test_with_the_real_dashboard_plans_reports_and_an_approval_flow_end_to_end(tmp_path, role_keys):
+    """No test server in between: a real otad-dashboard holding the rollout key (tests/test_rollout_dashboard.py's
+    open_desk) serves Wire 1 and takes Wire 4 from a real gateway; the operator's approval reaches the site."""
+    from conftest import otad_release as release_cli
+    from fleet import Site
+    from test_rollout_dashboard import API, api, open_desk, plan_fields
+
+    assert release_cli("keygen", "--output-prefix", str(tmp_path / "release")).returncode == 0
+    built = Site(tmp_path, tmp_path / "release.key", tmp_path / "release.pub")
+    built.outs = [built.build("2.0.0", size=1024)]
+    (tmp_path / "desk").mkdir()
+    desk = open_desk(tmp_path / "desk", role_keys, built)
+    try:
+        (desk.root / "robot-tokens").write_text("".join(f"{r} {robot_token(r)}\n" for r in ROBOTS))
+        gw = desk.gateway(ROLLOUT_KEYS=role_keys["folder"] / "rollout.pub", ROBOT_TOKENS_FILE=desk.root / "robot-tokens",
+                          TOKEN_FILE=desk.tokens["gateway_own"]).start()
+        gw.wait_for_log(r"verified app 2\.0\.0")
+        assert api(desk, "POST", API, json=plan_fields()).status_code == 201
+        gw.wait_for_log(r"rollout app-2: took revision 1 \(active, target 2\.0\.0\)")
+        gw.wait_for_log(r"rollout app-2 phase 0: phase 1 waits for an operator's approval")
+        for robot in ROBOTS:  # on 1.0.0, which this gateway never cached
+            assert post_records(gw.url, robot, [metric(robot, 1)]).status_code == 200
+
+        def manifest(robot: str) -> requests.Response:
+            return requests.get(f"{gw.url}/manifest", headers={"Authorization": f"Bearer {robot_token(robot)}"}, timeout=5)
+
+        assert manifest("r1").json()["version"] == "2.0.0"  # the canary
+        waiting = manifest("r5")  # phase 1 or 2: nothing for it yet, and never the target
+        assert waiting.status_code == 404 and "no release for robot r5 now" in waiting.json()["error"]
+        status = wait_until(lambda: (d := api(desk, "GET", f"{API}/app-2").json()) and "gw" in d["site_reports"] and d,
+                            30, "the dashboard to show the site's report")
+        assert status["site_reports"]["gw"]["phases"][0]["started_at"] is not None
+        assert api(desk, "POST", f"{API}/app-2/approve", json={}).status_code == 200
+        gw.wait_for_log(r"rollout app-2 phase 1: started at site gw")
+    finally:
+        desk.stop_all()
