@@ -116,6 +116,10 @@ def refused(site: Site, robot, version: str, rollout: bytes, fragment: str) -> s
     return line
 
 
+def outbox(site: Site) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((site.root / f"{ROBOT}-state" / "outbox").glob("*.json"))]
+
+
 def gateway_events(gw_state: Path) -> list[dict]:
     try:
         with sqlite3.connect(gw_state / "telemetry.db") as db:
@@ -157,7 +161,7 @@ def test_a_version_outside_the_plan_is_refused(rolls):
     robot = start_on_1(site)
     line = refused(site, robot, "3.0.0", body(item(plan(), site.rollout_key)), "refused app 3.0.0 for robot r1")
     assert "3.0.0 is not assigned to r1" in line
-    events = [json.loads(p.read_text()) for p in sorted((site.root / f"{ROBOT}-state" / "outbox").glob("*.json"))]
+    events = outbox(site)
     assert events[-1]["event"] == "rejected" and events[-1]["version"] == "3.0.0"
 
 
@@ -233,7 +237,8 @@ def test_without_rollout_keys_the_robot_installs_the_newest_release_as_before(ro
     on_version(site, "3.0.0")
     assert "/rollout.json" not in {p for p, _ in site.server.requests}
     assert {auth for _, auth in site.server.requests} == {None}
-    events = [json.loads(p.read_text()) for p in sorted((site.root / f"{ROBOT}-state" / "outbox").glob("*.json"))]
+    # The event follows the state write that makes the robot idle: wait for it.
+    events = wait_until(lambda: len(e := outbox(site)) == 2 and e, TIMEOUT, "two installed events")
     assert [e["event"] for e in events] == ["installed", "installed"] and not any("rollout_id" in e for e in events)
 
 
