@@ -47,6 +47,7 @@ class HostileServer:
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +58,7 @@ class HostileServer:
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                server.requests.append((path, self.headers.get("Authorization")))
                 path = {"/ota/manifest.json": "/manifest", "/ota/manifest.json.bundle": "/manifest.bundle"}.get(path, path)
                 body = server.files.get(path)
                 if body is None:

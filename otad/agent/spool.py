@@ -77,7 +77,8 @@ def checked(record: dict, what: str) -> dict | None:
 
 def event_record(event: dict, robot_id: str, boot_id: str) -> dict:
     stamp = event.get("ts")
-    return {
+    rollout = {k: event[k] for k in ("rollout_id", "phase") if k in event}  # Wire 3: only on rollout installs
+    return {**rollout,
         "robot_id": robot_id,
         "boot_id": boot_id,
         "ts": rfc3339(stamp if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else time.time()),

@@ -60,22 +60,26 @@ class Installer:
         self.state = self.store.update(**changes)
 
     # -- install ------------------------------------------------------------------------
-    def install(self, manifest: Manifest, artifact: Path, downgrade: bool = False) -> bool:
+    def install(self, manifest: Manifest, artifact: Path, downgrade: bool = False, rollout: dict | None = None,
+                plan_downgrade: bool = False) -> bool:
         """Unpack a verified artifact and activate it. True if it was committed.
 
         `downgrade`: an authorised downgrade (the signed manifest allows it), which
         lowers the anti-rollback floor to this version once committed.
+        `rollout`: the plan that assigned this install (RobotState.rollout), or None.
+        `plan_downgrade`: an aborted plan sends this robot back to the version it came
+        from (worker.py checked that it is exactly that version).
         """
         version = manifest.version
         with self.lock:
             self.state = self.store.load()  # otadctl may have changed it since the last poll
             decision = decide_install(version, self.app.target("CURRENT"), self.state.highest_committed, self.state.blacklist,
-                                      manifest.allow_downgrade, self.settings.allow_downgrade)
+                                      manifest.allow_downgrade or plan_downgrade, self.settings.allow_downgrade)
             if not decision.install:
                 log.info("not installing app %s: %s", version, decision.reason)
                 return False
             self.step = "unpacking"
-            self.save(phase="unpacking", target=version)
+            self.save(phase="unpacking", target=version, rollout=rollout)
             self.app.remove_release(version)  # leftovers of an abandoned attempt
             try:
                 unpack_release(artifact, self.app.release_dir(version), version,
@@ -152,10 +156,20 @@ class Installer:
         else:
             self.save(**self._settled(self.state, version, downgrade))
         crashpoint("committed")
-        self.outbox.add("installed", version)
+        tag = self.rollout_tag(version)
+        self.outbox.add("installed", version, rollout=tag)
+        if tag is not None and not probation:
+            self.outbox.add("committed", version, rollout=tag)
         log.info("installed app %s%s", version, f"; on probation for {self.settings.probation_s}s" if probation else "")
         self.gc()
         crashpoint("gc-done")
+
+    def rollout_tag(self, version: str | None) -> dict | None:
+        """{"rollout_id", "phase"} for the events of `version`, when a plan assigned its install."""
+        rollout = self.state.rollout
+        if not rollout or rollout.get("version") != version:
+            return None
+        return {"rollout_id": rollout["rollout_id"], "phase": rollout["phase"]}
 
     @staticmethod
     def _settled(state, version: str, downgrade: bool) -> dict:
@@ -178,6 +192,7 @@ class Installer:
         """
         self.step = "rolling back"
         previous, previous_old = self.state.previous, self.state.previous_old
+        tag = self.rollout_tag(version)
         failure = {"version": version, "reason": reason, "at": utc_timestamp(time.time()), "counted": counted}
         self.save(phase="rolling_back", target=version, last_failure=failure)
         crashpoint("rb-started")
@@ -212,11 +227,11 @@ class Installer:
                   probation_done=0.0)
         crashpoint("rb-recorded")
         self.gc()
-        self.outbox.add("rolled_back", version, reason)
+        self.outbox.add("rolled_back", version, reason, rollout=tag)
         log.warning("rolled back app %s to %s: %s%s", version, previous or "nothing (no earlier release)", reason,
                     "" if counted else f" (not a failure of the release; interrupted {counts[version]} times)")
         if newly_blacklisted:
-            self.outbox.add("blacklisted", version, f"{counts[version]} {what}")
+            self.outbox.add("blacklisted", version, f"{counts[version]} {what}", rollout=tag)
             log.warning("blacklisted app %s after %d %s", version, counts[version], what)
 
     # -- probation ------------------------------------------------------------------------
@@ -252,6 +267,8 @@ class Installer:
                 return True
             self.save(**self._settled(self.state, version, self.state.downgrade))
             self.gc()
+            if (tag := self.rollout_tag(version)) is not None:
+                self.outbox.add("committed", version, rollout=tag)
         log.info("app %s passed probation", version)
         return False
 

@@ -24,7 +24,8 @@ class Outbox:
     def _sequence_numbers(self) -> list[int]:
         return sorted(int(p.stem) for p in self.dir.glob("*.json") if p.stem.isdigit())
 
-    def add(self, event: str, version: str | None, detail: str = "") -> None:
+    def add(self, event: str, version: str | None, detail: str = "", rollout: dict | None = None) -> None:
+        """`rollout`: {"rollout_id", "phase"} when a signed rollout plan assigned the install."""
         # otad-robot and otadctl may both add events: the counter file under a lock
         # gives each event its own number, never reused even once the outbox is empty.
         with open(self.dir / ".lock", "a") as lock:
@@ -36,6 +37,8 @@ class Outbox:
                 stored = 1
             seq = max(stored, numbers[-1] + 1 if numbers else 1)
             doc = {"seq": seq, "event": event, "version": version, "detail": detail[:2000], "ts": time.time()}
+            if rollout is not None:
+                doc["rollout_id"], doc["phase"] = rollout["rollout_id"], rollout["phase"]
             atomic_write_bytes(self.dir / f"{seq:012d}.json", json.dumps(doc).encode())
             atomic_write_bytes(self.dir / ".next", str(seq + 1).encode())
             for old in numbers[: max(0, len(numbers) + 1 - MAX_EVENTS)]:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from otad.config import boolean, http_url, identifier, optional_path, path, seconds, setting, text, whole
 from otad.errors import ConfigError
-from otad.keyconfig import check_trust, trusted_gpg_keyring, trusted_keys
+from otad.keyconfig import check_trust, rollout_keys, trusted_gpg_keyring, trusted_keys
+from otad.rollout.signed import check_key_split
+from otad.telemetry.tokens import read_own_token
 from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
 
@@ -59,10 +61,22 @@ class RobotSettings:
     gateway_ca_file: Path | None = setting(optional_path, "", "CA bundle for the gateway's certificate; empty: system store")
     client_cert: Path | None = setting(optional_path, "", "client certificate (PEM) for mutual TLS")
     client_key: Path | None = setting(optional_path, "", "its private key (PEM, chmod 600)")
+    # Rollouts (issue 15, docs/security.md "Rollout plans"): empty ROLLOUT_KEYS keeps the
+    # behaviour from before them, the newest release the gateway offers.
+    rollout_keys: tuple[PublicKey, ...] = setting(rollout_keys, "", "rollout public keys that sign plans; empty: no rollouts")
+    token_file: Path | None = setting(optional_path, "", "this robot's token (the telemetry agent's file), sent to the gateway")
 
     def check(self) -> None:
         check_trust(self.trusted_keys, self.trusted_gpg_keyring)
         check_client_files(self.gateway_ca_file, self.client_cert, self.client_key, "GATEWAY_CA_FILE")
+        try:
+            check_key_split(self.trusted_keys, self.rollout_keys)
+        except ValueError as exc:
+            raise ConfigError(f"ROLLOUT_KEYS: {exc}") from None
+        if self.token_file is not None:
+            read_own_token(self.token_file)  # mode and form checked here; the worker reads it for use
+        if self.rollout_keys and self.token_file is None:
+            raise ConfigError("ROLLOUT_KEYS needs TOKEN_FILE: the gateway tells robots apart by their token")
         if self.stall_timeout == 1:  # the worker beats once a second while it waits or a command runs
             raise ConfigError("STALL_TIMEOUT must be 0 (derived from the timeouts) or at least 2 seconds")
 

@@ -43,6 +43,10 @@ class RobotState:
     downgrade: bool = False  # the release on probation is an authorised downgrade (lowers the floor once it passes)
     probation_done: float = 0.0  # seconds of it already served
     interrupted: dict[str, int] = field(default_factory=dict)  # installs cut short by a crash, not by the release
+    # The rollout plan that assigned `version` (ROLLOUT_KEYS only): {"rollout_id", "phase",
+    # "version", "came_from"}. Its events carry rollout_id and phase; came_from (CURRENT before
+    # the install) is where an aborted plan with on_halt=rollback may send this robot back to.
+    rollout: dict | None = None
 
 
 class StateStore:

@@ -5,6 +5,12 @@ manifest's signature and expiry (with MANIFEST_GRACE_S of tolerance, for
 releases a gateway cut off from the dashboard still holds) and every artifact
 against its own TRUSTED_KEYS with the shared verification core, and never goes
 below its anti-rollback floor unless the signed manifest authorises it.
+
+With ROLLOUT_KEYS it also fetches the gateway's /rollout.json every poll and
+installs only what a current signed plan assigns to this robot (rollouts.py);
+the one downgrade a plan authorises is an aborted plan's return to the version
+this robot itself came from. With TOKEN_FILE every request carries the robot's
+token, which is how the gateway tells its robots apart.
 """
 from __future__ import annotations
 
@@ -14,14 +20,16 @@ import threading
 import time
 
 from otad.daemon import Heartbeat
-from otad.errors import OtadError, TransportError, TrustError
+from otad.errors import ConfigError, OtadError, TransportError, TrustError
 from otad.fsutil import atomic_write_bytes, make_dirs
 from otad.robot.crashpoints import crashpoint
 from otad.robot.installer import Installer
+from otad.robot.rollouts import MAX_ROLLOUT_BYTES, ROLLOUT_PATH, Admission, RolloutGate, RolloutRefused
 from otad.robot.settings import RobotSettings
 from otad.semver import same_version, version_in
 from otad.transfer.backoff import Backoff, ManifestPoll, jittered
-from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
+from otad.telemetry.tokens import read_own_token
+from otad.transfer.client import MANIFEST_PATH, HttpClient, HttpStatusError, TransferLimits
 from otad.transfer.tls import client_tls
 from otad.trust import clock
 from otad.trust.bundle import MAX_BUNDLE_BYTES
@@ -45,6 +53,10 @@ class Worker:
         self._backoff = Backoff()
         self._polls = ManifestPoll()  # the ETag and the hold on a refused manifest
         self.downloading: tuple[str, int, int] | None = None  # version, received, total
+        self.rollouts = RolloutGate(settings.state_dir)
+        self._rollout_body: bytes | None = None  # this poll's /rollout.json (None: the gateway has none)
+        self._rollout_digest = ""
+        self.token: str | None = None
         self.apply(settings)
 
     def apply(self, settings: RobotSettings) -> None:
@@ -52,13 +64,28 @@ class Worker:
         self.installer.settings = settings
         self.anchors = TrustAnchors(cosign_keys=settings.trusted_keys, gpg_keyring=settings.trusted_gpg_keyring)
         self._backoff.cap = settings.backoff_max
+        self.token = self._read_token(settings)
         old = getattr(self, "client", None)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self.client = HttpClient(settings.gateway_url, TransferLimits(settings.connect_timeout, settings.read_timeout, settings.min_rate),
-                                 tls=client_tls(settings, "gateway_ca_file"))
+                                 headers=headers, tls=client_tls(settings, "gateway_ca_file"))
         if old is not None:
             old.close()
         self._polls.reset()  # SIGHUP: whatever made a manifest fail may be fixed now
         self._wake.set()
+
+    def _read_token(self, settings: RobotSettings) -> str | None:
+        """The token for every request to the gateway (never logged). At start a bad file stops
+        the daemon (ConfigError); at a reload the token read before is kept."""
+        if settings.token_file is None:
+            return None
+        try:
+            return read_own_token(settings.token_file)
+        except ConfigError as exc:
+            if self.token is None:
+                raise
+            log.error("%s; keeping the token read before", exc)
+            return self.token
 
     def stop(self) -> None:
         self._stop = True
@@ -93,10 +120,13 @@ class Worker:
         if self.installer.state.blacklist != blacklist:
             self._polls.forget()
         try:
+            if self.settings.rollout_keys:
+                self._fetch_rollouts()
             fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._polls.etag(time.monotonic()))
             atomic_write_bytes(self.settings.state_dir / "last_poll", utc_timestamp(time.time()).encode())
             if fetched.status == 200:
-                digest = hashlib.sha256(fetched.body).hexdigest()
+                # With rollouts, a refusal holds this manifest under this set of plans only.
+                digest = hashlib.sha256(fetched.body + self._rollout_digest.encode()).hexdigest()
                 # Dealt with unless _consider says otherwise: it refuses (held), or forgets to retry.
                 self._polls.seen(fetched.etag, digest)
                 self._consider(fetched.body, digest)
@@ -129,6 +159,33 @@ class Worker:
         self._backoff.success()
         return jittered(self.settings.poll_interval)
 
+    def _fetch_rollouts(self) -> None:
+        """This poll's /rollout.json. Other plans than last poll's: look at the manifest again,
+        even one held back, since what the plans assign may have changed."""
+        try:
+            body: bytes | None = self.client.get_small(ROLLOUT_PATH, MAX_ROLLOUT_BYTES).body
+        except HttpStatusError as exc:
+            if exc.status != 404:
+                raise
+            body = None  # a gateway without rollouts: no plan assigns anything
+        except TrustError as exc:  # larger than any gateway sends
+            log.warning("refused the gateway's %s: %s", ROLLOUT_PATH, exc)
+            body = b""
+        digest = hashlib.sha256(b"none" if body is None else b"body" + body).hexdigest()
+        if digest != self._rollout_digest:
+            self._polls.forget()
+        self._rollout_body, self._rollout_digest = body, digest
+
+    def _admit(self, version: str) -> Admission:
+        """The plan that assigns `version` to this robot (RolloutRefused if none does)."""
+        settings, state = self.settings, self.installer.state
+        current = self.installer.app.target("CURRENT")
+        plans = self.rollouts.current_plans(self._rollout_body, settings.rollout_keys, settings.trusted_keys,
+                                            clock.now(), settings.manifest_grace_s)
+        rollout = state.rollout or {}
+        came_from = rollout.get("came_from") if same_version(rollout.get("version"), current) else None
+        return self.rollouts.admit(plans, settings.robot_id, current, version, came_from)
+
     def _consider(self, body: bytes, digest: str) -> None:
         if self._polls.held(digest, time.monotonic()):
             return
@@ -145,15 +202,20 @@ class Worker:
             if signed.manifest.version != manifest.version:
                 self._polls.forget()  # the gateway switched releases meanwhile: look again next poll
                 return
+            admission = self._admit(manifest.version) if self.settings.rollout_keys else None
+            plan_downgrade = admission is not None and admission.rollback
             decision = decide_install(manifest.version, self.installer.app.target("CURRENT"), state.highest_committed,
-                                      state.blacklist, signed.manifest.allow_downgrade, self.settings.allow_downgrade)
+                                      state.blacklist, signed.manifest.allow_downgrade or plan_downgrade,
+                                      self.settings.allow_downgrade)
             if not decision.install:
                 if not decision.quiet:
                     self._reject(digest, manifest, RollbackRefused(decision.reason))
                 return
             manifest = signed.manifest
+            rollout = self._rollout_record(admission)
             artifact = self._fetch(manifest)
-            committed = self.installer.install(manifest, artifact, downgrade=decision.downgrade)
+            committed = self.installer.install(manifest, artifact, downgrade=decision.downgrade, rollout=rollout,
+                                               plan_downgrade=plan_downgrade)
         except TrustError as exc:
             self._reject(digest, manifest, exc)
             return
@@ -161,6 +223,17 @@ class Worker:
         artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
         if not committed:
             self._polls.forget()  # try this version again on a later poll, until it is blacklisted
+
+    def _rollout_record(self, admission: Admission | None) -> dict | None:
+        """What RobotState.rollout keeps of the plan behind this install; None without one."""
+        if admission is None:
+            return None
+        log.info("rollout %s revision %d assigns app %s to robot %s: %s", admission.rollout_id, admission.revision,
+                 admission.version, self.settings.robot_id, admission.reason)
+        if admission.rollback:
+            return None  # the return is not an attempt of the phase: its events carry no rollout
+        return {"rollout_id": admission.rollout_id, "phase": admission.phase, "version": admission.version,
+                "came_from": self.installer.app.target("CURRENT")}
 
     def _verify(self, manifest_bytes: bytes, bundle: bytes) -> SignedManifest:
         signed = verify_manifest(manifest_bytes, bundle, self.anchors, clock.now(), grace=self.settings.manifest_grace_s)
@@ -202,5 +275,8 @@ class Worker:
         self._polls.reject(digest, time.monotonic())
         version = manifest.version if manifest else None
         self.installer.outbox.add("rejected", version, str(exc))
-        log.warning("rejected app %s: %s", version or "manifest", exc)
+        if isinstance(exc, RolloutRefused):
+            log.warning("refused app %s for robot %s: %s", version, self.settings.robot_id, exc)
+        else:
+            log.warning("rejected app %s: %s", version or "manifest", exc)
 

@@ -5,7 +5,8 @@ A record is a JSON object. Common identity: `robot_id`, `boot_id`, `seq`
 clock), `type`. A metric adds `cpu`, `mem` (percent), `version`, `health`
 (ok | degraded | failed); an event adds `event`, `version`, `detail`; a
 `dropped` record (made by an agent whose spool hit its bound) adds `dropped`,
-the number of records it deleted unsent. A gap (made by a gateway whose
+the number of records it deleted unsent. An event of an install that a signed
+rollout plan assigned also carries `rollout_id` and `phase` (both or neither). A gap (made by a gateway whose
 buffer overflowed) is not a robot record; the dashboard validates it (otad/dashboard/ingest.py). See docs/formats.md.
 """
 from __future__ import annotations
@@ -16,12 +17,13 @@ import re
 from typing import Any
 
 from otad.errors import OtadError
+from otad.rollout.plan import MAX_PHASES
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_RECORDS = 1000
 HEALTH = ("ok", "degraded", "failed")
 EVENTS = ("installed", "committed", "rolled_back", "blacklisted", "rejected", "started", "gap")
-MAX_PHASE = 15  # otad.rollout.plan.MAX_PHASES - 1
+MAX_PHASE = MAX_PHASES - 1
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _BOOT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 _TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
@@ -60,6 +62,19 @@ def _percent(doc: dict, key: str, where: str) -> float:
     return float(value)
 
 
+def _rollout_fields(doc: dict, where: str) -> dict:
+    """The optional rollout_id and phase of an event (issue 15's Wire 3): both, or neither."""
+    present = [key for key in ("rollout_id", "phase") if key in doc]
+    if not present:
+        return {}
+    if len(present) == 1:
+        raise RecordError(f"{where}: field '{present[0]}' needs its partner ('rollout_id' and 'phase' go together)")
+    phase = _require(doc, "phase", int, where)
+    if not 0 <= phase <= MAX_PHASE:
+        raise RecordError(f"{where}: field 'phase' must be a phase index 0-{MAX_PHASE}")
+    return {"rollout_id": _matching(doc, "rollout_id", _ID, where), "phase": phase}
+
+
 def validate_record(doc: object, where: str = "record") -> dict:
     """Return the record with only its known fields, or raise RecordError naming the problem."""
     if not isinstance(doc, dict):
@@ -93,7 +108,7 @@ def validate_record(doc: object, where: str = "record") -> dict:
         if len(detail) > 2000:
             raise RecordError(f"{where}: field 'detail' is longer than 2000 characters")
         clean["detail"] = detail
-        _rollout_fields(doc, clean, where)
+        clean.update(_rollout_fields(doc, where))
     elif kind == "dropped":
         dropped = _require(doc, "dropped", int, where)
         if not 0 < dropped < MAX_SEQ:
@@ -102,17 +117,6 @@ def validate_record(doc: object, where: str = "record") -> dict:
     else:
         raise RecordError(f"{where}: unknown type {kind[:40]!r}")
     return clean
-
-
-def _rollout_fields(doc: dict, clean: dict, where: str) -> None:
-    """An update event of a staged rollout names it: `rollout_id` and `phase` (0-based), both or neither."""
-    if "rollout_id" not in doc and "phase" not in doc:
-        return
-    clean["rollout_id"] = _matching(doc, "rollout_id", _ID, where)
-    phase = _require(doc, "phase", int, where)
-    if not 0 <= phase <= MAX_PHASE:
-        raise RecordError(f"{where}: field 'phase' must be 0 to {MAX_PHASE}")
-    clean["phase"] = phase
 
 
 def parse_batch(body: bytes, max_bytes: int = MAX_BODY_BYTES, max_records: int = MAX_RECORDS) -> list[dict]:
