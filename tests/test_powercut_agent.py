@@ -13,6 +13,9 @@ from lazyfs import LazyMount
 from powercut_agent import AgentPowerCuts, start_agent_site
 
 WHY_NOT = LazyMount.available()
+# The loops test otad's own write order, not the libraries': they run once, in the first pass
+# of make check, and not again on the bookworm pins (tests/test_lazyfs.py runs there too).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

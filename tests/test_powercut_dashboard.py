@@ -15,6 +15,9 @@ from powercut_dashboard import DashboardPowerCuts
 from powerloop import kill_users
 
 WHY_NOT = LazyMount.available()
+# The loops test otad's own write order, not the libraries': they run once, in the first pass
+# of make check, and not again on the bookworm pins (tests/test_lazyfs.py runs there too).
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")

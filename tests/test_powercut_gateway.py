@@ -17,6 +17,9 @@ from powerloop import PowerLayer, Report
 from test_telemetry import tele  # noqa: F401 (a fixture: the dashboard with the robots' and gateway's tokens)
 
 WHY_NOT = LazyMount.available()
+# The loops test otad's own write order, not the libraries': they run once, in the first pass
+# of make check, and not again on the bookworm pins (tests/test_lazyfs.py runs there too).
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
