@@ -71,6 +71,17 @@ def test_robots_not_on_a_from_version_are_not_targeted():
     assert assignment(make_plan(**{"from": []}), "a1", None, opened_phases=1).version == "2.0.0"
 
 
+def test_a_plan_without_from_never_pulls_a_newer_robot_down_to_its_target():
+    """`from` left empty means every robot below the target: a robot already on 3.0.0 is not
+    offered 2.0.0 by a plan for 2.0.0 (a gateway serving it would block the robot's next release)."""
+    plan = make_plan(**{"from": []})
+    for newer in ("3.0.0", "2.0.1", "10.0.0"):
+        got = assignment(plan, "a1", newer, opened_phases=3)
+        assert got.version is None and f"{newer} is not one the plan moves from" in got.reason
+    assert assignment(plan, "a1", "2.0.0-rc.1", opened_phases=3).version == "2.0.0"
+    assert assignment(plan, "a1", "1.9.9", opened_phases=3).version == "2.0.0"
+
+
 def test_paused_and_halted_robots_keep_what_they_have():
     paused = make_plan(state="paused")
     for current in ("1.0.0", "2.0.0"):

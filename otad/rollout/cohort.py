@@ -7,17 +7,19 @@ Phase k holds the robots named in phases 0..k plus the targeted robots whose
 point is below phase k's `percent` / 100: percentages are cumulative, so a
 robot never leaves a phase it was in. A robot's phase is the first that holds it.
 
-"Targeted" is the plan's `from` list (every robot when it is empty): a robot
-on another version is not part of the rollout, except that one already on the
-target stays in its phase (it is where the rollout put it).
+"Targeted" is the plan's `from` list; when it is empty, every robot below the
+target (never one already above it: no plan pulls a robot down to its target).
+A robot on another version is not part of the rollout, except that one already
+on the target stays in its phase (it is where the rollout put it).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 
+from otad.errors import MalformedMetadata
 from otad.rollout.plan import Plan
-from otad.semver import same_version, version_in
+from otad.semver import parse_version, same_version, version_in
 
 _DOMAIN = b"otad-rollout-cohort-v1\0"
 
@@ -56,8 +58,17 @@ def is_targeted(plan: Plan, current_version: str | None) -> bool:
     if same_version(current_version, plan.version):
         return True
     if not plan.from_versions:
-        return True
+        # "Every robot" means every robot below the target: a plan with no `from` must not
+        # pull a robot that already runs a newer release back down to it.
+        return current_version is None or _below(current_version, plan.version)
     return current_version is not None and version_in(current_version, plan.from_versions)
+
+
+def _below(current_version: str, target: str) -> bool:
+    try:
+        return parse_version(current_version) < parse_version(target)
+    except MalformedMetadata:  # a version this build cannot order is not one to move
+        return False
 
 
 def assignment(plan: Plan, robot_id: str, current_version: str | None, opened_phases: int, *,
