@@ -170,6 +170,18 @@ def test_an_operator_runs_a_rollout_through_the_cli(desk, role_keys):
     assert verified(served(desk)["app-2"], role_keys).plan.revision == 6
 
 
+def test_approve_without_a_phase_opens_the_first_gate_not_approved_phase_plus_one(desk, role_keys):
+    """The gate is where a phase says advance=approve: here phase 2 (phase 1 starts by itself). An
+    approval without --phase must open it; approving phase 1 instead would leave the site waiting."""
+    fields = plan_fields(rollout_id="gated", phases=[{"robots": ["r1"]}, {"percent": 50, "advance": "approve"},
+                                                    {"percent": 100}])
+    assert rollout(desk, "create", write_plan(desk, fields)).returncode == 0
+    result = rollout(desk, "approve", "gated")
+    assert result.returncode == 0, result.stderr
+    assert verified(served(desk)["gated"], role_keys).plan.approved_phase == 2
+    assert_one_line_error(rollout(desk, "approve", "gated"), "HTTP 409", "no phase of rollout gated waits for an approval")
+
+
 def test_served_plans_verify_under_the_rollout_key_only(desk, role_keys):
     assert rollout(desk, "create", write_plan(desk, plan_fields())).returncode == 0
     item = served(desk)["app-2"]

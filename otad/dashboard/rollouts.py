@@ -101,7 +101,7 @@ class RolloutDesk:
             return {"state": "active", "reason": doc.get("reason") or ""}
         if action == "abort":
             return {"state": "aborted", "reason": reason}
-        phase = doc.get("phase", plan.approved_phase + 1)
+        phase = doc["phase"] if "phase" in doc else _next_gate(plan)
         if not isinstance(phase, int) or isinstance(phase, bool) or not 0 <= phase < len(plan.phases):
             raise RolloutError(f"'phase' must be a phase index 0 to {len(plan.phases) - 1}")
         if phase <= plan.approved_phase:
@@ -251,3 +251,16 @@ def _whole(value: Any) -> bool:
 
 def _time(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11
+
+
+def _next_gate(plan: Plan) -> int:
+    """The phase an approval without {"phase": N} opens: the first gated one not yet approved.
+
+    A gate is a phase whose predecessor says advance=approve; approving "the next phase"
+    must mean that gate, not approved_phase + 1 (which may be a phase that starts by itself)."""
+    for n in range(plan.approved_phase + 1, len(plan.phases)):
+        if plan.phases[n - 1].advance == "approve":
+            return n
+    raise RolloutError(f"no phase of rollout {plan.rollout_id} waits for an approval "
+                       f"(approved_phase {plan.approved_phase})", 409)
+
