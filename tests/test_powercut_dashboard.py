@@ -66,3 +66,32 @@ def test_an_ota_dir_that_publish_made_survives_a_power_cut(tmp_path, keypair):
     verified = otad_release("verify", "--key", str(site.pub), "--manifest", str(tmp_path / "disk" / "srv" / "ota" / "manifest.json"))
     assert verified.returncode == 0, verified.stderr
     assert "verified app-v1.0.0.tar.gz" in verified.stdout
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
+def test_an_ingest_on_a_failing_disk_reports_the_disk_error(tmp_path):
+    """The disk fails under the dashboard's store (the layer's crash(): every operation EIO).
+
+    SQLite rolls the transaction back by itself on an I/O error; the store's own ROLLBACK then
+    failed with "cannot rollback - no transaction is active", and that, not "disk I/O error",
+    was what the gateway's forwarder was answered and the dashboard logged. Driven through
+    the real SqliteTelemetryStore on the real layer.
+    """
+    import sqlite3
+
+    from fleet import metric
+    from otad.dashboard.store import SqliteTelemetryStore
+
+    mount = LazyMount(tmp_path / "disk", tmp_path / "mnt").mount()
+    store = SqliteTelemetryStore(tmp_path / "mnt" / "telemetry.db")
+    try:
+        row = {"id": 1, "received": "2026-12-03T10:00:00Z", "record": metric("r1", 1)}
+        assert store.ingest("gw", "ab01", 0, [row]) == 1
+        mount.crash()
+        with pytest.raises(sqlite3.OperationalError) as failed:
+            store.ingest("gw", "ab01", 0, [{**row, "id": 2, "record": metric("r1", 2)}])
+        assert "disk I/O error" in str(failed.value), str(failed.value)
+    finally:
+        store.close()
+        kill_users(tmp_path / "mnt")
+        mount.unmount()

@@ -65,3 +65,38 @@ def test_a_genuine_release_republished_after_a_tampered_one_is_served_after_a_po
         assert "rejected app 1.1.0" not in gw.new_log()
     finally:
         layer.close()
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"power-loss layer unavailable: {WHY_NOT}")
+def test_a_buffer_write_on_a_failing_disk_reports_the_disk_error_and_keeps_its_counts(tmp_path):
+    """The disk fails under the telemetry buffer (the layer's crash(): every operation EIO).
+
+    SQLite rolls the transaction back by itself on an I/O error; the buffer's own ROLLBACK
+    then failed with "cannot rollback - no transaction is active", which replaced the disk
+    error in the gateway's log and skipped undoing the in-memory `refused` count, so the
+    count /status shows drifted above what the file holds. Driven through the real
+    TelemetryBuffer on the real layer (through the daemon, which thread meets the failed
+    disk first is a race).
+    """
+    import sqlite3
+
+    from fleet import metric
+    from otad.gateway.buffer import TelemetryBuffer
+    from powerloop import kill_users
+
+    mount = LazyMount(tmp_path / "disk", tmp_path / "mnt").mount()
+    buffer = TelemetryBuffer(tmp_path / "mnt" / "telemetry.db", 1 << 24)
+    buffer.start()
+    try:
+        assert buffer.append([metric("r1", 5)])[0] == 1
+        assert buffer.append([metric("r1", 3)])[2] == 1  # a seq that went backwards: refused, counted
+        refused = buffer.refused
+        mount.crash()
+        with pytest.raises(sqlite3.OperationalError) as failed:
+            buffer.append([metric("r1", 2), metric("r1", 6)])  # one refused, one new: the commit fails
+        assert "disk I/O error" in str(failed.value), str(failed.value)
+        assert buffer.refused == refused
+    finally:
+        buffer.close()
+        kill_users(tmp_path / "mnt")
+        mount.unmount()

@@ -126,7 +126,8 @@ class SqliteRolloutTables:
                        " halt_phase) VALUES (?,?,?,?,?,?,?,?,?)", astuple(revision))
             db.execute("COMMIT")
         except sqlite3.Error:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on an I/O error or a full disk
+                db.execute("ROLLBACK")
             raise
 
     def latest_revision(self, rollout_id: str) -> StoredRevision | None:

@@ -169,7 +169,8 @@ class SqliteTelemetryStore(SqliteRolloutTables):
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on an I/O error or a full disk
+                db.execute("ROLLBACK")
             raise
         return max((row["id"] for row in rows), default=0)
 

@@ -267,7 +267,8 @@ class TelemetryBuffer:
                     delta += self._enforce_bound(db, now)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite rolls back by itself on an I/O error or a full disk
+                    db.execute("ROLLBACK")
                 if refused:
                     self.refused -= refused
                 raise
