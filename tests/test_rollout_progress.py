@@ -149,3 +149,23 @@ def test_decisions_are_recomputed_identically_after_a_restart():
     again, started_again = advance(plan, {0: T0}, tally(plan, list(reversed(events)), T0 + 650), T0 + 650, site="A")
     assert first == again and started == started_again
     assert not advance(plan, started, tally(plan, events, T0 + 651), T0 + 651, site="A")[0].advance  # no double start
+
+
+def test_after_a_resume_the_halt_criteria_judge_only_what_happened_since():
+    """A fleet halt paused the plan on a1's rollback; the operator resumed it (a revision with
+    halt_since = the resume). The old failure must not halt it again at once, but a new one does,
+    and the counts still hold both."""
+    plan = make_plan(phases=AUTO, on_halt="pause")
+    started = {0: T0}
+    failed = [ev("a1", "installed", T0 + 60), ev("a1", "rolled_back", T0 + 90)]
+    now = T0 + 300
+    assert evaluate(plan, started, tally(plan, failed, now), now).halt is not None
+    resumed = revise(plan, state="active", halt_since="2026-09-21T14:20:00Z")
+    since = resumed.halt_since_epoch
+    assert T0 + 90 < since < T0 + 900
+    later = since + 10
+    assert evaluate(resumed, started, tally(resumed, failed, later, since=since), later).halt is None
+    again = failed + [ev("b1", "installed", since + 5), ev("b1", "rolled_back", since + 8)]
+    halt = evaluate(resumed, started, tally(resumed, again, later, since=since), later).halt
+    assert halt is not None and "1 failed" in halt.reason
+    assert tally(resumed, again, later).fleet[0].failed == 2  # what the console shows: everything

@@ -80,10 +80,15 @@ class Plan:
     approved_phase: int = 0  # highest phase index an operator approved (for `approve` gates)
     from_versions: tuple[str, ...] = ()  # empty: any robot is targeted
     reason: str = ""  # why the state is what it is (a halt's reason)
+    halt_since: str = ""  # RFC 3339 UTC; halt criteria judge only outcomes from then on ("": all)
 
     @property
     def expires_epoch(self) -> float:
         return timestamp_epoch(self.expires)
+
+    @property
+    def halt_since_epoch(self) -> float:
+        return timestamp_epoch(self.halt_since) if self.halt_since else 0.0
 
 
 def parse_plan(data: bytes) -> Plan:
@@ -121,12 +126,15 @@ def plan_from_doc(doc: Any) -> Plan:
         approved_phase=fields.integer("approved_phase", 0, len(phases) - 1, 0),
         from_versions=_from_versions(fields),
         reason=fields.reason(),
+        halt_since=fields.matching("halt_since", _RFC3339_UTC, ""),
     )
     fields.done()
-    try:
-        timestamp_epoch(plan.expires)  # a real date, not 2026-13-45
-    except MalformedMetadata:
-        raise PlanError(f"plan field 'expires' is not a valid date {plan.expires!r}") from None
+    for name in ("expires", "halt_since"):
+        try:
+            if getattr(plan, name):
+                timestamp_epoch(getattr(plan, name))  # a real date, not 2026-13-45
+        except MalformedMetadata:
+            raise PlanError(f"plan field '{name}' is not a valid date {getattr(plan, name)!r}") from None
     _check_phases(plan)
     return plan
 
@@ -140,6 +148,8 @@ def render_plan(plan: Plan) -> bytes:
         "offline_max_phase": plan.offline_max_phase, "state": plan.state, "approved_phase": plan.approved_phase,
         "reason": plan.reason,
     }
+    if plan.halt_since:  # absent unless a resume set it: plans signed before the field stay canonical
+        doc["halt_since"] = plan.halt_since
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
@@ -273,9 +283,9 @@ class _Fields:
             raise PlanError(f"{self.where} field '{key}' must be between {low} and {high}")
         return value
 
-    def matching(self, key: str, pattern: re.Pattern[str]) -> str:
-        value = self.take(key, str)
-        if not pattern.fullmatch(value):
+    def matching(self, key: str, pattern: re.Pattern[str], default: Any = ...) -> str:
+        value = self.take(key, str, default)
+        if key in self.doc and not pattern.fullmatch(value):
             raise PlanError(f"{self.where} field '{key}' has an invalid value {value[:80]!r}")
         return value
 

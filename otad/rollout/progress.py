@@ -79,11 +79,14 @@ class Progress:
     next_at: float | None = None  # when the soak ends, if that is what holds the next phase
 
 
-def tally(plan: Plan, events: Iterable[Event], now: float) -> Evidence:
-    """Counts per phase, fleet-wide and per site, from robots' events for this plan."""
+def tally(plan: Plan, events: Iterable[Event], now: float, since: float = 0.0) -> Evidence:
+    """Counts per phase, fleet-wide and per site, from robots' events for this plan.
+
+    `since`: only events from then on (a plan's `halt_since`: what the halt criteria judge
+    after an operator resumed; the counts shown keep every event)."""
     robots: dict[tuple[str, str, int], list[Event]] = {}
     for event in events:
-        if event.kind in EVENT_KINDS and 0 <= event.phase < len(plan.phases):
+        if event.kind in EVENT_KINDS and 0 <= event.phase < len(plan.phases) and event.at >= since:
             robots.setdefault((event.site, event.robot_id, event.phase), []).append(event)
     fleet: dict[int, list[int]] = {}
     sites: dict[str, dict[int, list[int]]] = {}
