@@ -52,7 +52,7 @@ def built(tmp_path_factory) -> Site:
     return site
 
 
-def open_desk(root: Path, role_keys, built: Site) -> Site:
+def open_desk(root: Path, role_keys, built: Site, check_interval: int = 1) -> Site:
     """A dashboard holding the rollout key, with 1.0.0 and 2.0.0 published, two gateways and an operator."""
     site = Site(root, built.key, built.pub)
     site.tokens = write_tokens(root, ["r1"])
@@ -68,7 +68,7 @@ def open_desk(root: Path, role_keys, built: Site) -> Site:
         site.publish(out)
     site.start_dashboard(env={"OTAD_ROLLOUT_KEY_PASSWORD": "test-password"}, TOKENS_FILE=site.tokens["dashboard"],
                          OPERATOR_TOKENS_FILE=operators, ROLLOUT_KEY=role_keys["folder"] / "rollout.key",
-                         ROLLOUT_CHECK_INTERVAL=1)
+                         ROLLOUT_CHECK_INTERVAL=check_interval)
     site.db = root / "dashboard-state" / "telemetry.db"
     return site
 
@@ -312,6 +312,25 @@ def test_a_plan_that_cannot_be_judged_does_not_stop_the_fleet_halts(desk, role_k
         for n, robot in ((1, "r1"), (2, "r2"))])
     wait_until(lambda: verified(served_good(desk), role_keys).plan.state == "aborted", 20, "app-2 halted fleet-wide")
     assert desk.dashboard.running() and "Traceback" not in desk.dashboard.log()
+
+
+def test_a_fleet_halt_is_issued_when_the_failure_is_forwarded_not_at_the_next_check(tmp_path, role_keys, built):
+    """ROLLOUT_CHECK_INTERVAL=3600: the fleet-wide check runs at start and then only once an hour.
+    A gateway forwarding the canary's rollback brings evidence the dashboard can act on: the halt
+    revision is issued then, not up to an hour later, and gateways take it at their next poll."""
+    desk = open_desk(tmp_path, role_keys, built, check_interval=3600)
+    try:
+        fields = plan_fields(phases=[{"robots": ["r1", "r2"], "halt": {"fleet": {"max_failures": 0, "min_attempts": 1}}},
+                                     {"percent": 100}], on_halt="pause")
+        assert api(desk, "POST", API, json=fields).status_code == 201
+        forward(desk, "gw", GATEWAY_TOKEN, [
+            {"id": 1, "received": time.time(), "record": update_event("r1", 1, "rolled_back", "app-2", 0)}])
+        halted = wait_until(lambda: (p := verified(served(desk)["app-2"], role_keys).plan).state != "active" and p, 20,
+                            "the dashboard's halt revision on the forwarded rollback")
+        assert (halted.state, halted.revision) == ("paused", 2)
+        assert halted.reason == "phase 0 fleet-wide: 1 failed, more than max_failures 0"
+    finally:
+        desk.stop_all()
 
 
 def served_good(site: Site) -> dict:

@@ -506,3 +506,24 @@ def test_with_the_real_dashboard_plans_reports_and_an_approval_flow_end_to_end(t
         gw.wait_for_log(r"rollout app-2 phase 1: started at site gw")
     finally:
         desk.stop_all()
+
+
+def test_a_site_halt_is_decided_on_the_post_metrics_that_carries_the_failure_before_the_next_poll(rollsite):
+    """POLL_INTERVAL=3600: the gateway polls once, at start, and takes the plan then. The canary's
+    rollback is then the only new evidence: the POST /metrics that carries it is answered after the
+    site has halted, so no robot is handed the target in between (not after the next poll, and not
+    only after a dark site's backoff, which can be BACKOFF_MAX long)."""
+    s = rollsite
+    s.site.release("2.0.0")
+    s.fleet.items = [s.item(**two_phases(soak=3600, on_halt="pause"))]
+    gw = s.start(POLL_INTERVAL=3600)
+    gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: started")
+    for robot in ROBOTS:
+        s.report(robot)  # version 1.0.0
+    assert s.served("r2") == "2.0.0"  # the canary is offered the target
+    polls = s.fleet.polls
+    s.event("r1", "rolled_back", 0)
+    assert s.site_state()["rollouts"][ROLLOUT]["halted"]["reason"] == "phase 0 at site gw: 1 failed, more than max_failures 0"
+    assert s.served("r2") != "2.0.0"  # halted: r2, which had not started, is not handed it any more
+    assert f"rollout {ROLLOUT} phase 0: site gw halted (robots keep what they have)" in gw.log()
+    assert s.fleet.polls == polls  # no poll came in between: the POST itself decided

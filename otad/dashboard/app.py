@@ -139,6 +139,8 @@ class DashboardApp:
             report: dict = {}
             buffer_id, backlog, rows = parse_forwarded(data, gateway, report)
             acked = telemetry.store.ingest(gateway, buffer_id, backlog, rows, quarantined=report["quarantined"])
+            if self.rollouts is not None:
+                self.rollouts.evidence_stored(rows)
         except IngestError as exc:
             extra = [("WWW-Authenticate", "Bearer")] if exc.status == 401 else []
             return _json(start_response, exc.status, {"error": str(exc), **exc.extra}, "POST", extra)

@@ -148,7 +148,6 @@ class DashboardDaemon(Daemon):
         super().__init__(settings, config_path)
         self.app: DashboardApp | None = None
         self.http: HttpServer | None = None
-        self._halts = threading.Event()  # set at shutdown: the fleet-halt loop's sleep ends
 
     def start(self) -> None:
         self.app = make_app(self.settings)
@@ -173,11 +172,13 @@ class DashboardDaemon(Daemon):
         return 5.0
 
     def _fleet_halts(self) -> None:
-        """Apply the fleet-wide halt criteria of every active plan, every ROLLOUT_CHECK_INTERVAL."""
+        """Apply the fleet-wide halt criteria of every active plan as soon as gateways forward rollout
+        events, and every ROLLOUT_CHECK_INTERVAL (install timeouts need no event)."""
         assert self.app is not None and self.app.rollouts is not None
+        desk = self.app.rollouts
         while not self.stopping:
-            self.app.rollouts.check_fleet(time.time())
-            self._halts.wait(self.settings.rollout_check_interval)
+            desk.check_fleet(time.time())
+            desk.wait_for_evidence(self.settings.rollout_check_interval)
 
     def status(self) -> str:
         current = self.app.ota.current() if self.app else None
@@ -236,7 +237,8 @@ class DashboardDaemon(Daemon):
         return settings
 
     def shutdown(self) -> None:
-        self._halts.set()
+        if self.app is not None and self.app.rollouts is not None:
+            self.app.rollouts.wake()  # the fleet-halt loop's sleep ends
         if self.http is not None:
             self.http.close()
         if self.app is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -46,6 +47,9 @@ class RolloutDesk:
                  operators: TokenTable | None = None) -> None:
         self.store, self.key, self.ota = store, key, ota
         self.operators = operators  # OPERATOR_TOKENS_FILE, swapped on SIGHUP
+        # Set when a gateway forwards robots' rollout events: the fleet-halt worker judges them
+        # then, not at the end of its ROLLOUT_CHECK_INTERVAL (see wait_for_evidence).
+        self._evidence = threading.Event()
 
     # -- operators' requests ----------------------------------------------------------
 
@@ -142,6 +146,21 @@ class RolloutDesk:
         self.store.put_site_report(report["rollout_id"], gateway, report["revision"], json.dumps(report, sort_keys=True))
 
     # -- fleet-wide halts ----------------------------------------------------------------
+
+    def evidence_stored(self, rows: list[dict]) -> None:
+        """POST /metrics stored these rows: wake the fleet-halt worker if any is a rollout event
+        (a rollback or blacklist can breach max_failures; a commit can complete min_attempts)."""
+        if any("rollout_id" in row["record"] for row in rows):
+            self._evidence.set()
+
+    def wait_for_evidence(self, timeout: float) -> None:
+        """Sleep until new rollout events are stored (or `wake`), at most `timeout` (install timeouts
+        and expiry need no event). Cleared on return: events stored while check_fleet runs wake the next wait."""
+        self._evidence.wait(timeout)
+        self._evidence.clear()
+
+    def wake(self) -> None:
+        self._evidence.set()
 
     def check_fleet(self, now: float) -> list[StoredRevision]:
         """Halt every active plan whose fleet criteria its events breach; the revisions issued.

@@ -22,7 +22,7 @@ class DashboardSettings:
                                        "mode 0600); empty: rollouts disabled")
     operator_tokens_file: Path | None = setting(optional_path, "", "'operator_id token' lines for the rollout admin API; "
                                                 "empty: admin API disabled")
-    rollout_check_interval: int = setting(seconds, "5", "seconds between checks of the rollouts' fleet-wide halt criteria")
+    rollout_check_interval: int = setting(seconds, "5", "seconds between checks of the rollouts' fleet-wide halt criteria (also checked when events arrive)")
     header_timeout: int = setting(seconds, "20", "a request's header section must arrive within this many seconds")
     connection_limit: int = setting(whole(1, 100000), "1000", "open connections at most; beyond, new ones wait")
 

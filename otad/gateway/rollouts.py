@@ -9,7 +9,10 @@
   criteria. One log line per decision, naming rollout, phase and reason. A plan
   revision that is not `active` (a fleet-wide pause or abort) wins: nothing opens.
 - `observe` (edge threads, POST /metrics): robots' rollout events (Wire 3) and
-  each robot's reported version.
+  each robot's reported version. A new event is evidence the site can act on at
+  once: its rollout is decided again before the POST is answered, so a canary's
+  rollback halts the site then, not at the next poll (which, with the WAN down,
+  comes only after the sync worker's backoff, up to BACKOFF_MAX).
 - `serve` (edge threads, GET /manifest): the version otad.rollout.cohort.assignment
   gives the robot now; `offered` is recorded when the target is first handed out.
 - `reports` (Wire 4): what the site decided, per rollout, until the dashboard took it.
@@ -69,6 +72,7 @@ class Rollouts:
         self.state = SiteState()
         self.current: dict[str, Current] = {}
         self._last_body: bytes | None = None
+        self._online = False  # the dashboard answered the last poll: what a decision between polls assumes
         if not self.enabled:
             return  # no ROLLOUT_KEYS: today's behaviour, nothing read or written
         self.seen = self.files.load_seen()
@@ -157,17 +161,22 @@ class Rollouts:
         """One decision per current plan; returns True when anything changed. A decision is
         persisted before it is logged, and before the edge (which takes the same lock) acts on it."""
         with self._lock:
-            lines: list[tuple[int, str]] = []
-            changed = False
-            for rid, current in sorted(self.current.items()):
-                before = self._record(rid)
-                lines += self._decide(rid, current.plan, now, online)
-                changed |= self._record(rid) != before
-            if changed:
-                self.files.save_site(self.state)
-            for level, line in lines:
-                log.log(level, "%s", line)
-            return changed
+            self._online = online
+            return self._decide_some(sorted(self.current), now, online)
+
+    def _decide_some(self, rids: list[str], now: float, online: bool) -> bool:
+        """Decide these rollouts; persist what changed, then log it. The caller holds the lock."""
+        lines: list[tuple[int, str]] = []
+        changed = False
+        for rid in rids:
+            before = self._record(rid)
+            lines += self._decide(rid, self.current[rid].plan, now, online)
+            changed |= self._record(rid) != before
+        if changed:
+            self.files.save_site(self.state)
+        for level, line in lines:
+            log.log(level, "%s", line)
+        return changed
 
     def _record(self, rid: str) -> tuple:
         rec = self.state.rollouts.get(rid)
@@ -212,12 +221,18 @@ class Rollouts:
             return
         with self._lock:
             changed = False
+            evidence: set[str] = set()  # rollouts with a new event
             for record in records:
                 changed |= self._version(record)
                 if record.get("type") == "event" and record.get("event") in ROBOT_EVENTS and "rollout_id" in record:
-                    changed |= self._event(record["rollout_id"], record["robot_id"], record["phase"], record["event"], now)
+                    if self._event(record["rollout_id"], record["robot_id"], record["phase"], record["event"], now):
+                        changed = True
+                        evidence.add(record["rollout_id"])
             if changed:
                 self.files.save_site(self.state)
+            # On the evidence itself: a halt (or a commit completing min_attempts) takes effect before
+            # the robot is answered, and before any other robot asks /manifest again.
+            self._decide_some(sorted(evidence & set(self.current)), now, self._online)
 
     def _version(self, record: dict) -> bool:
         # A metric says what the robot runs (CURRENT); remember the one before it for a rollback.
