@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from otad.dashboard.ota import OtaFolder
-from otad.dashboard.rollout_status import FLEET_ACTOR, rollout_status
+from otad.dashboard.rollout_status import FLEET_ACTOR, CohortCache, rollout_status
 from otad.dashboard.rollout_store import RevisionConflict, RolloutStore, StoredRevision
 from otad.errors import OtadError
 from otad.rollout import progress
@@ -46,6 +46,7 @@ class RolloutDesk:
                  operators: TokenTable | None = None) -> None:
         self.store, self.key, self.ota = store, key, ota
         self.operators = operators  # OPERATOR_TOKENS_FILE, swapped on SIGHUP
+        self.cohorts = CohortCache()  # robots' phases: the status of 10,000 robots hashes none of them again
 
     # -- operators' requests ----------------------------------------------------------
 
@@ -176,14 +177,15 @@ class RolloutDesk:
         return revision
 
     def evidence(self, plan: Plan, now: float) -> progress.Evidence:
-        events = [progress.Event(e["robot_id"], e["gateway_id"], e["phase"], e["event"], e["at"])
-                  for e in self.store.rollout_events(plan.rollout_id)]
-        return progress.tally(plan, events, now)
+        return progress.count(plan, self.store.rollout_attempts(plan.rollout_id), now)
 
     # -- status -----------------------------------------------------------------------------
 
-    def overview(self, now: float) -> list[dict]:
-        return [self.status(r.rollout_id, now, brief=True) for r in self.store.latest_revisions()]
+    def overview(self, now: float, in_progress: bool = False) -> list[dict]:
+        """Every rollout's brief status; `in_progress`: only those neither aborted nor expired
+        (/status), left out before their status is computed: finished rollouts pile up."""
+        return [self.status(r.rollout_id, now, brief=True) for r in self.store.latest_revisions()
+                if not in_progress or (r.state != "aborted" and r.expires > now)]
 
     def status(self, rollout_id: str, now: float, brief: bool = False) -> dict:
         revisions = self.store.revisions(rollout_id)
@@ -191,7 +193,7 @@ class RolloutDesk:
             raise RolloutError(f"no rollout {rollout_id[:64]!r}", 404)
         plan = parse_plan(revisions[-1].plan)
         return rollout_status(plan, revisions, self.evidence(plan, now), self.store.robot_versions(),
-                              self.store.site_reports(rollout_id), now, brief)
+                              self.store.site_reports(rollout_id), now, brief, self.cohorts.lookup(plan))
 
 
 def parse_site_report(doc: Any, gateway: str) -> dict:
