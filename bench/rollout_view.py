@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loaded {totals['records']} records ({totals['events']} rollout events) from {args.sites} sites in "
               f"{totals['load_s']:.1f} s through POST /metrics, and {args.sites} site reports; outcomes: "
               f"{ {k: v for k, v in totals.items() if k in ('committed', 'rolled_back', 'installing')} }; "
-              f"database {db.stat().st_size / 2**20:.1f} MiB")
+              f"database {sum(f.stat().st_size for f in db.parent.glob(db.name + '*')) / 2**20:.1f} MiB (with its WAL)")
         wrong = check_view(client, operator, totals, args)
         print(f"{'MISS' if wrong else 'PASS'}  the status document shows the generated counts, sites and site halts"
               f"{': ' + wrong if wrong else ''}")
