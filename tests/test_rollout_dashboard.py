@@ -374,6 +374,12 @@ def test_the_status_counts_each_robot_once_by_its_outcome_and_follows_new_report
     assert status["phases"][r7_phase]["sites"]["gw"]["waiting"] == 0  # 0.9.0 is not one the plan moves
     listed = api(desk, "GET", API).json()["rollouts"]
     assert [(p["committed"], p["failed"]) for p in listed[0]["phases"]][0] == (2, 2)
+    in_progress = requests.get(f"{desk.dashboard.url}/status.json", timeout=10).json()["rollouts"]
+    assert [(r["rollout_id"], r["phases"][0]["committed"]) for r in in_progress] == [("app-2", 2)]
+    # An aborted rollout leaves /status and stays on the console's list.
+    assert api(desk, "POST", f"{API}/app-2/abort").status_code == 200
+    assert requests.get(f"{desk.dashboard.url}/status.json", timeout=10).json()["rollouts"] == []
+    assert [r["state"] for r in api(desk, "GET", API).json()["rollouts"]] == ["aborted"]
 
 
 # -- kill -9 ----------------------------------------------------------------------------------
