@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-durability bench-durability-deps clean deb deb-check deb-deps soak-power soak-chaos
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-rollout-view bench-rollout-view-deps bench-durability bench-durability-deps clean deb deb-check deb-deps soak-power soak-chaos
 
 all: check
 
@@ -130,7 +130,7 @@ deb-deps:
 
 # Benchmarks measure against reference tools in the same run (docs/benchmarks.md).
 # They are not tests: they print ratios and PASS/MISS and always exit 0.
-bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-durability
+bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-rollout-view bench-durability
 
 bench-deps:
 	@missing=""; for tool in curl:curl nginx:nginx-light ab:apache2-utils wrk:wrk; do \
@@ -156,6 +156,14 @@ bench-telemetry: $(VENV)/.installed bench-deps
 # intervals (real dashboard and gateways on loopback; no outside tools).
 bench-rollout-halt: $(VENV)/.installed
 	$(VENV)/bin/python bench/rollout_halt.py
+
+# The rollout console at 10,000 robots in 200 sites (generated, loaded through POST /metrics):
+# p50/p99 of /rollouts/<id>, its JSON status and /status, against /healthz and the sqlite3 CLI.
+bench-rollout-view-deps:
+	@command -v sqlite3 >/dev/null 2>&1 || apt-get install -y -q sqlite3
+
+bench-rollout-view: $(VENV)/.installed bench-rollout-view-deps
+	$(VENV)/bin/python bench/rollout_view.py
 
 # A diagnostic, no targets: fsyncs per robot install and per 1,000 telemetry records, counted
 # with strace, and the time they cost against the same runs under eatmydata (no fsync).

@@ -21,8 +21,9 @@ import pytest
 import requests
 
 from conftest import assert_one_line_error, otad_release
-from fleet import GATEWAY_TOKEN, Site, write_tokens
+from fleet import GATEWAY_TOKEN, Site, metric, write_tokens
 from harness import Daemon, wait_until
+from otad.rollout.cohort import phase_of
 from otad.rollout.signed import UntrustedPlan, verify_plan
 from otad.trust.keys import load_public_key
 
@@ -362,6 +363,54 @@ def test_site_reports_are_kept_per_site_and_shown_in_status(desk):
     # A gateway speaks for its own site only, and about a rollout that exists.
     assert api(desk, "POST", "/rollouts/site-report", SITE_B_TOKEN, json=report).status_code == 403
     assert api(desk, "POST", "/rollouts/site-report", GATEWAY_TOKEN, json={**report, "rollout_id": "nope"}).status_code == 404
+
+
+def test_the_status_counts_each_robot_once_by_its_outcome_and_follows_new_reports(desk, role_keys):
+    """The status an operator reads (API and page) counts each robot of a phase once, by its outcome,
+    however its events arrived: a rollback after a commit is a failure, an install older than
+    install_timeout_s is a failure, events of other kinds or of phases the plan lacks count nothing.
+    The next request shows what arrived since: an event, and a robot's new version (`targeted`)."""
+    assert api(desk, "POST", API, json=plan_fields(install_timeout_s=3600)).status_code == 201
+    old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 7200))
+    rows = [update_event("r1", 1, "installed", "app-2", 0), update_event("r1", 2, "committed", "app-2", 0),
+            {**update_event("r2", 1, "installed", "app-2", 0), "ts": old},
+            update_event("r3", 1, "installed", "app-2", 0),
+            update_event("r6", 1, "rejected", "app-2", 0), update_event("r6", 2, "committed", "app-2", 7),
+            {**metric("r7", 1), "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    forward(desk, "gw", GATEWAY_TOKEN, [{"id": n, "received": time.time(), "record": r} for n, r in enumerate(rows, 1)])
+    forward(desk, "gw", GATEWAY_TOKEN, [{"id": 8, "received": time.time(), "record": update_event("r1", 3, "rolled_back", "app-2", 0)}])
+    forward(desk, "gw-b", SITE_B_TOKEN, [{"id": 1, "received": time.time(), "record": update_event("r4", 1, "committed", "app-2", 0)}],
+            buffer_id="b0")
+
+    def counts(doc: dict, phase: int, site: str) -> tuple:
+        row = doc["phases"][phase]["sites"][site]
+        return row["installing"], row["committed"], row["failed"]
+
+    status = api(desk, "GET", f"{API}/app-2").json()
+    assert counts(status, 0, "gw") == (1, 0, 2)  # r3 installing; r1 rolled back after its commit, r2 timed out
+    assert counts(status, 0, "gw-b") == (0, 1, 0)
+    assert [(p["installing"], p["committed"], p["failed"]) for p in status["phases"]] == [(1, 1, 2), (0, 0, 0), (0, 0, 0)]
+    r7_phase = phase_of(verified(served(desk)["app-2"], role_keys).plan, "r7")
+    assert r7_phase in (1, 2)  # r7 reported 1.0.0, a `from` version: targeted, waiting in its cohort's phase
+    assert status["phases"][r7_phase]["sites"]["gw"]["waiting"] == 1
+    page = requests.get(f"{desk.dashboard.url}/rollouts/app-2", timeout=10).text
+    assert '<td class="n failed" data-label="failed">2</td>' in page
+
+    forward(desk, "gw", GATEWAY_TOKEN, [
+        {"id": 9, "received": time.time(), "record": update_event("r3", 2, "committed", "app-2", 0)},
+        {"id": 10, "received": time.time(), "record": {**metric("r7", 2), "version": "0.9.0",
+                                                       "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}])
+    status = api(desk, "GET", f"{API}/app-2").json()
+    assert counts(status, 0, "gw") == (0, 1, 2)
+    assert status["phases"][r7_phase]["sites"]["gw"]["waiting"] == 0  # 0.9.0 is not one the plan moves
+    listed = api(desk, "GET", API).json()["rollouts"]
+    assert [(p["committed"], p["failed"]) for p in listed[0]["phases"]][0] == (2, 2)
+    in_progress = requests.get(f"{desk.dashboard.url}/status.json", timeout=10).json()["rollouts"]
+    assert [(r["rollout_id"], r["phases"][0]["committed"]) for r in in_progress] == [("app-2", 2)]
+    # An aborted rollout leaves /status and stays on the console's list.
+    assert api(desk, "POST", f"{API}/app-2/abort").status_code == 200
+    assert requests.get(f"{desk.dashboard.url}/status.json", timeout=10).json()["rollouts"] == []
+    assert [r["state"] for r in api(desk, "GET", API).json()["rollouts"]] == ["aborted"]
 
 
 # -- kill -9 ----------------------------------------------------------------------------------

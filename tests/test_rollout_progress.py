@@ -8,7 +8,7 @@ its site, online or dark) on tallies of robots' events, with a given clock.
 from __future__ import annotations
 
 from otad.rollout.cohort import assignment, phase_of
-from otad.rollout.progress import Counts, Event, Evidence, advance, breach, evaluate, tally
+from otad.rollout.progress import Attempt, Counts, Event, Evidence, advance, attempts, breach, count, evaluate, tally
 from otad.rollout.plan import Criteria, revise
 from rollouts import make_plan
 
@@ -124,6 +124,18 @@ def test_an_install_that_does_not_finish_in_time_is_a_failure():
     assert evaluate(plan, {0: T0}, tally(plan, events, T0 + 901), T0 + 901, site="A").halt is not None
     done = events + [ev("a1", "installed", T0 + 300), ev("a1", "committed", T0 + 600)]
     assert tally(plan, done, T0 + 5000).fleet[0] == Counts(committed=1)
+
+
+def test_an_install_times_out_from_its_first_event_whatever_order_events_come_in():
+    """The dashboard's store hands `count` attempts it grouped itself; the gateway's events go
+    through `attempts`: either way, the earliest event starts the clock and a failure outweighs a commit."""
+    plan = make_plan(phases=AUTO)  # install_timeout_s 900
+    late_first = [ev("a1", "installed", T0 + 800), ev("a1", "offered", T0)]
+    assert tally(plan, late_first, T0 + 901).sites["A"][0] == Counts(failed=1)
+    assert tally(plan, [ev("a2", "committed", T0), ev("a2", "rolled_back", T0 + 5)], T0 + 10).fleet[0] == Counts(failed=1)
+    assert attempts([ev("a1", "installed", T0 + 800), ev("a1", "offered", T0)]) == [
+        Attempt("a1", "A", 0, frozenset({"installed", "offered"}), T0)]
+    assert count(plan, [Attempt("a1", "A", 7, frozenset({"committed"}), T0)], T0) == Evidence()  # no phase 7
 
 
 def test_the_failure_rate_counts_only_after_min_attempts():

@@ -106,8 +106,7 @@ class DashboardApp:
         if path in ("/status", "/status.json") and method in ("GET", "HEAD"):
             document = fleet_status(self.telemetry.store, time.time())
             if self.rollouts is not None:
-                document["rollouts"] = [r for r in self.rollouts.overview(document["generated"])
-                                        if not r["expired"] and r["state"] != "aborted"]
+                document["rollouts"] = self.rollouts.overview(document["generated"], in_progress=True)
             if path == "/status.json":
                 return _json(start_response, 200, document, method, [("Cache-Control", "no-store")])
             page = render_status(document)

@@ -1,6 +1,6 @@
 """A rollout's status document: per phase and per site, what the operator sees (API, CLI, page).
 
-Counts come from otad.rollout.progress.tally (each robot once, by its outcome);
+Counts come from otad.rollout.progress.count (each robot once, by its outcome);
 "targeted" from otad.rollout.cohort (the robots the dashboard has heard of,
 by their phase and their reported version). `waiting` is targeted robots of
 the phase with no event yet. Halts are the dashboard's own fleet-wide
@@ -9,7 +9,9 @@ revisions and what sites reported deciding (Wire 4).
 from __future__ import annotations
 
 import json
-from typing import Iterable
+import threading
+from collections import OrderedDict
+from typing import Callable, Iterable
 
 from otad.dashboard.rollout_store import StoredRevision
 from otad.rollout import cohort
@@ -19,9 +21,39 @@ from otad.rollout.progress import Counts, Evidence
 FLEET_ACTOR = "fleet halt"
 
 
+class CohortCache:
+    """Each robot's phase under a plan's cohorts (cohort.phase_of), computed once per robot and kept.
+
+    A robot's phase depends only on the rollout_id, the phases' named robots and percentages, and its
+    own id, which is what the table is keyed on, so it never goes stale: a revision that changed the
+    phases would get a table of its own. `limit` plans are kept, the least recently used dropped.
+    Safe across threads (the GIL makes each dict step atomic; a race only computes a phase twice)."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._plans: OrderedDict[tuple, dict[str, int | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lookup(self, plan: Plan) -> Callable[[str], int | None]:
+        key = (plan.rollout_id, tuple((phase.robots, phase.percent) for phase in plan.phases))
+        with self._lock:
+            known = self._plans.pop(key, None)
+            self._plans[key] = known = {} if known is None else known
+            while len(self._plans) > self.limit:
+                self._plans.popitem(last=False)
+
+        def phase(robot_id: str) -> int | None:
+            if robot_id not in known:
+                known[robot_id] = cohort.phase_of(plan, robot_id)
+            return known[robot_id]
+        return phase
+
+
 def rollout_status(plan: Plan, revisions: list[StoredRevision], evidence: Evidence, robots: Iterable[dict],
-                   reports: list[dict], now: float, brief: bool = False) -> dict:
-    targeted = _targeted(plan, robots)
+                   reports: list[dict], now: float, brief: bool = False,
+                   phase_of: Callable[[str], int | None] | None = None) -> dict:
+    """`phase_of`: a robot's phase under this plan (default cohort.phase_of; CohortCache.lookup keeps them)."""
+    targeted = _targeted(plan, robots, phase_of or (lambda robot_id: cohort.phase_of(plan, robot_id)))
     sites = sorted(set(evidence.sites) | {site for site, _ in targeted} | {r["gateway_id"] for r in reports})
     phases = []
     for n, phase in enumerate(plan.phases):
@@ -48,11 +80,15 @@ def rollout_status(plan: Plan, revisions: list[StoredRevision], evidence: Eviden
     return doc
 
 
-def _targeted(plan: Plan, robots: Iterable[dict]) -> dict[tuple[str, int], int]:
+def _targeted(plan: Plan, robots: Iterable[dict], phase_of: Callable[[str], int | None]) -> dict[tuple[str, int], int]:
     counts: dict[tuple[str, int], int] = {}
+    targeted: dict[str, bool] = {}  # per version: a fleet reports a handful of versions, not one per robot
     for robot in robots:
-        phase = cohort.phase_of(plan, robot["robot_id"])
-        if phase is not None and cohort.is_targeted(plan, robot["version"] or None):
+        version = robot["version"]
+        if version not in targeted:
+            targeted[version] = cohort.is_targeted(plan, version or None)
+        phase = phase_of(robot["robot_id"]) if targeted[version] else None
+        if phase is not None:
             key = (robot["gateway_id"], phase)
             counts[key] = counts.get(key, 0) + 1
     return counts

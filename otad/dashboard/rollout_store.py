@@ -16,6 +16,7 @@ from dataclasses import astuple, dataclass
 from typing import Protocol
 
 from otad.errors import OtadError
+from otad.rollout.progress import EVENT_KINDS, Attempt
 
 ROLLOUT_SCHEMA = """
 -- Staged rollouts (issue 15): every signed revision, never changed once written.
@@ -85,8 +86,11 @@ class RolloutStore(Protocol):
     def revisions(self, rollout_id: str) -> list[StoredRevision]:
         """Every revision of one rollout, oldest first."""
 
-    def rollout_events(self, rollout_id: str) -> list[dict]:
-        """{"robot_id", "gateway_id", "phase", "event", "at"} of the update events naming it."""
+    def rollout_attempts(self, rollout_id: str, since: float = 0.0) -> list[Attempt]:
+        """The update events naming it (of progress.EVENT_KINDS) grouped per robot, site and phase,
+        as progress.attempts groups them: one row per robot and phase, not one per event, because
+        the rollout view and the fleet-wide halt check read this on every request and check.
+        `since`: only events from then on (the plan's halt_since, for the halt check)."""
 
     def robot_versions(self) -> list[dict]:
         """{"robot_id", "gateway_id", "version"} of every robot the dashboard has heard of."""
@@ -145,9 +149,14 @@ class SqliteRolloutTables:
         rows = self._db().execute("SELECT * FROM rollout_revisions WHERE rollout_id = ? ORDER BY revision", (rollout_id,))
         return [_revision(row) for row in rows]
 
-    def rollout_events(self, rollout_id: str) -> list[dict]:
-        return [dict(row) for row in self._db().execute(
-            "SELECT robot_id, gateway_id, phase, event, at FROM rollout_events WHERE rollout_id = ?", (rollout_id,))]
+    def rollout_attempts(self, rollout_id: str, since: float = 0.0) -> list[Attempt]:
+        # Grouped in SQLite: a robot's few events become one row before Python sees them. Event names
+        # are validated words (otad/telemetry/records.py EVENTS), so a comma separates them safely.
+        rows = self._db().execute(
+            "SELECT robot_id, gateway_id, phase, group_concat(DISTINCT event), MIN(at) FROM rollout_events"
+            f" WHERE rollout_id = ? AND at >= ? AND event IN ({','.join('?' * len(EVENT_KINDS))})"
+            " GROUP BY gateway_id, robot_id, phase", (rollout_id, since, *EVENT_KINDS))
+        return [Attempt(robot, site, phase, frozenset(names.split(",")), first) for robot, site, phase, names, first in rows]
 
     def robot_versions(self) -> list[dict]:
         return [dict(row) for row in self._db().execute("SELECT robot_id, gateway_id, version FROM robots")]

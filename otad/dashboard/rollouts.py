@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from otad.dashboard.ota import OtaFolder
-from otad.dashboard.rollout_status import FLEET_ACTOR, rollout_status
+from otad.dashboard.rollout_status import FLEET_ACTOR, CohortCache, rollout_status
 from otad.dashboard.rollout_store import RevisionConflict, RolloutStore, StoredRevision
 from otad.errors import OtadError
 from otad.rollout import progress
@@ -50,6 +51,7 @@ class RolloutDesk:
         # Set when a gateway forwards robots' rollout events: the fleet-halt worker judges them
         # then, not at the end of its ROLLOUT_CHECK_INTERVAL (see wait_for_evidence).
         self._evidence = threading.Event()
+        self.cohorts = CohortCache()  # robots' phases: the status of 10,000 robots hashes none of them again
 
     # -- operators' requests ----------------------------------------------------------
 
@@ -86,7 +88,7 @@ class RolloutDesk:
         plan = self._plan(rollout_id)
         if plan.state == "aborted":
             raise RolloutError(f"rollout {rollout_id} is aborted (final): create a new rollout", 409)
-        changes = self._changes(plan, action, doc, reason or f"{action} by {actor}")
+        changes = self._changes(plan, action, doc, reason or f"{action} by {actor}", now)
         try:
             revised = revise(plan, **changes)
         except PlanError as exc:
@@ -94,7 +96,7 @@ class RolloutDesk:
         return self._issue(revised, actor, now)
 
     @staticmethod
-    def _changes(plan: Plan, action: str, doc: dict, reason: str) -> dict:
+    def _changes(plan: Plan, action: str, doc: dict, reason: str, now: float) -> dict:
         if action == "pause":
             if plan.state == "paused":
                 raise RolloutError(f"rollout {plan.rollout_id} is paused already", 409)
@@ -102,7 +104,9 @@ class RolloutDesk:
         if action == "resume":
             if plan.state != "paused":
                 raise RolloutError(f"rollout {plan.rollout_id} is {plan.state}, not paused", 409)
-            return {"state": "active", "reason": doc.get("reason") or ""}
+            # The halt criteria start afresh: an automatic halt's evidence only grows, so without
+            # this a resume would trip again on the very failures the operator has looked at.
+            return {"state": "active", "reason": doc.get("reason") or "", "halt_since": _rfc3339(now)}
         if action == "abort":
             return {"state": "aborted", "reason": reason}
         phase = doc["phase"] if "phase" in doc else _next_gate(plan)
@@ -182,7 +186,7 @@ class RolloutDesk:
 
     def _halt_if_breached(self, latest: StoredRevision, now: float) -> StoredRevision | None:
         plan = parse_plan(latest.plan)
-        halt = progress.find_halt(plan, len(plan.phases), self.evidence(plan, now), None)
+        halt = progress.find_halt(plan, len(plan.phases), self.evidence(plan, now, since=plan.halt_since_epoch), None)
         if halt is None:
             return None
         try:
@@ -194,15 +198,17 @@ class RolloutDesk:
                     revision.revision, halt.phase, halt.state, halt.reason)
         return revision
 
-    def evidence(self, plan: Plan, now: float) -> progress.Evidence:
-        events = [progress.Event(e["robot_id"], e["gateway_id"], e["phase"], e["event"], e["at"])
-                  for e in self.store.rollout_events(plan.rollout_id)]
-        return progress.tally(plan, events, now)
+    def evidence(self, plan: Plan, now: float, since: float = 0.0) -> progress.Evidence:
+        """`since`: only outcomes from then on (the halt check passes the plan's halt_since)."""
+        return progress.count(plan, self.store.rollout_attempts(plan.rollout_id, since), now)
 
     # -- status -----------------------------------------------------------------------------
 
-    def overview(self, now: float) -> list[dict]:
-        return [self.status(r.rollout_id, now, brief=True) for r in self.store.latest_revisions()]
+    def overview(self, now: float, in_progress: bool = False) -> list[dict]:
+        """Every rollout's brief status; `in_progress`: only those neither aborted nor expired
+        (/status), left out before their status is computed: finished rollouts pile up."""
+        return [self.status(r.rollout_id, now, brief=True) for r in self.store.latest_revisions()
+                if not in_progress or (r.state != "aborted" and r.expires > now)]
 
     def status(self, rollout_id: str, now: float, brief: bool = False) -> dict:
         revisions = self.store.revisions(rollout_id)
@@ -210,7 +216,7 @@ class RolloutDesk:
             raise RolloutError(f"no rollout {rollout_id[:64]!r}", 404)
         plan = parse_plan(revisions[-1].plan)
         return rollout_status(plan, revisions, self.evidence(plan, now), self.store.robot_versions(),
-                              self.store.site_reports(rollout_id), now, brief)
+                              self.store.site_reports(rollout_id), now, brief, self.cohorts.lookup(plan))
 
 
 def parse_site_report(doc: Any, gateway: str) -> dict:
@@ -283,3 +289,6 @@ def _next_gate(plan: Plan) -> int:
     raise RolloutError(f"no phase of rollout {plan.rollout_id} waits for an approval "
                        f"(approved_phase {plan.approved_phase})", 409)
 
+
+def _rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -184,7 +184,8 @@ class Rollouts:
 
     def _decide(self, rid: str, plan: Plan, now: float, online: bool) -> list[tuple[int, str]]:
         rec = self.state.rollouts.setdefault(rid, RolloutRecord())
-        progress, started = advance(plan, rec.started, self._evidence(plan, rec, now), now, site=self.site, online=online)
+        evidence = self._evidence(plan, rec, now, since=plan.halt_since_epoch)  # a resume starts the criteria afresh
+        progress, started = advance(plan, rec.started, evidence, now, site=self.site, online=online)
         lines = []
         if progress.advance:
             rec.started = started
@@ -207,8 +208,8 @@ class Rollouts:
             lines.append((logging.INFO, f"rollout {rid} phase {max(progress.opened - 1, 0)}: {progress.waiting}"))
         return lines
 
-    def _evidence(self, plan: Plan, rec: RolloutRecord, now: float):
-        return tally(plan, (replace(e, site=self.site) for e in rec.events), now)
+    def _evidence(self, plan: Plan, rec: RolloutRecord, now: float, since: float = 0.0):
+        return tally(plan, (replace(e, site=self.site) for e in rec.events), now, since)
 
     def _halted(self, rid: str) -> bool:
         rec = self.state.rollouts.get(rid)

@@ -79,33 +79,59 @@ class Progress:
     next_at: float | None = None  # when the soak ends, if that is what holds the next phase
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One robot's install in one phase at one site: the kinds of its events and when the first came."""
+
+    robot_id: str
+    site: str
+    phase: int
+    kinds: frozenset[str]  # of EVENT_KINDS
+    started: float  # epoch seconds of its first event
+
+
 def tally(plan: Plan, events: Iterable[Event], now: float, since: float = 0.0) -> Evidence:
     """Counts per phase, fleet-wide and per site, from robots' events for this plan.
 
     `since`: only events from then on (a plan's `halt_since`: what the halt criteria judge
     after an operator resumed; the counts shown keep every event)."""
-    robots: dict[tuple[str, str, int], list[Event]] = {}
+    return count(plan, attempts(e for e in events if e.at >= since), now)
+
+
+def attempts(events: Iterable[Event]) -> list[Attempt]:
+    """Events grouped per (site, robot, phase), other kinds left out: what `count` judges.
+    A store may group its events into attempts itself (the dashboard's does, in SQL)."""
+    grouped: dict[tuple[str, str, int], tuple[set[str], float]] = {}
     for event in events:
-        if event.kind in EVENT_KINDS and 0 <= event.phase < len(plan.phases) and event.at >= since:
-            robots.setdefault((event.site, event.robot_id, event.phase), []).append(event)
+        if event.kind in EVENT_KINDS:
+            kinds, first = grouped.setdefault((event.site, event.robot_id, event.phase), (set(), event.at))
+            kinds.add(event.kind)
+            if event.at < first:
+                grouped[event.site, event.robot_id, event.phase] = (kinds, event.at)
+    return [Attempt(robot, site, phase, frozenset(kinds), first)
+            for (site, robot, phase), (kinds, first) in grouped.items()]
+
+
+def count(plan: Plan, seen: Iterable[Attempt], now: float) -> Evidence:
+    """Each attempt once, by its outcome, per phase fleet-wide and per site (phases the plan lacks: none)."""
     fleet: dict[int, list[int]] = {}
     sites: dict[str, dict[int, list[int]]] = {}
-    for (site, _robot, phase), seen in robots.items():
-        slot = _outcome(seen, plan.install_timeout_s, now)
-        for table in (fleet, sites.setdefault(site, {})):
-            table.setdefault(phase, [0, 0, 0])[slot] += 1
+    for attempt in seen:
+        if not 0 <= attempt.phase < len(plan.phases):
+            continue
+        slot = _outcome(attempt.kinds, attempt.started, plan.install_timeout_s, now)
+        for table in (fleet, sites.setdefault(attempt.site, {})):
+            table.setdefault(attempt.phase, [0, 0, 0])[slot] += 1
     return Evidence(fleet={p: Counts(*c) for p, c in fleet.items()},
                     sites={s: {p: Counts(*c) for p, c in t.items()} for s, t in sites.items()})
 
 
-def _outcome(events: list[Event], timeout: int, now: float) -> int:
+def _outcome(kinds: frozenset[str], started: float, timeout: int, now: float) -> int:
     """0 installing, 1 committed, 2 failed: a failure outweighs an earlier commit."""
-    kinds = {e.kind for e in events}
-    if kinds & set(FAILURES):
+    if not kinds.isdisjoint(FAILURES):
         return 2
     if "committed" in kinds:
         return 1
-    started = min(e.at for e in events)
     return 2 if now - started > timeout else 0
 
 
