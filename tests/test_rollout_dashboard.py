@@ -298,6 +298,33 @@ def test_a_fleet_wide_halt_is_issued_when_events_breach_the_criteria(desk, role_
     assert desk.dashboard.new_log().count("halted fleet-wide") == 1
 
 
+def test_a_resume_after_a_fleet_halt_judges_only_what_happens_after_it(desk, role_keys):
+    """The fleet paused the rollout on two failures (max_failures 1). The operator looked, resumed
+    (the revision carries halt_since): the old failures must not pause it again, and the next halt
+    comes when two more fail after the resume. Before halt_since, evidence only grew, so every
+    resume was paused again at the next check, whatever the operator had decided."""
+    fields = plan_fields(on_halt="pause")
+    assert rollout(desk, "create", write_plan(desk, fields)).returncode == 0
+    forward(desk, "gw", GATEWAY_TOKEN, [
+        {"id": n, "received": time.time(), "record": update_event(robot, 1, "rolled_back", "app-2", 0)}
+        for n, robot in ((1, "r1"), (2, "r2"))])
+    wait_until(lambda: verified(served(desk)["app-2"], role_keys).plan.state == "paused", 20, "the fleet's pause")
+    result = rollout(desk, "resume", "app-2", "--reason", "r1 and r2 had a loose cable")
+    assert result.returncode == 0, result.stderr
+    resumed = verified(served(desk)["app-2"], role_keys).plan
+    assert (resumed.revision, resumed.state) == (3, "active") and resumed.halt_since
+    wait_until(lambda: time.time() >= resumed.halt_since_epoch + 1, 5, "the clock to pass the resume")  # events carry whole seconds
+    forward(desk, "gw", GATEWAY_TOKEN, [
+        {"id": 3, "received": time.time(), "record": update_event("r3", 1, "rolled_back", "app-2", 0)},
+        {"id": 4, "received": time.time(), "record": update_event("r4", 1, "rolled_back", "app-2", 0)}])
+    halted = wait_until(lambda: (p := verified(served(desk)["app-2"], role_keys).plan).revision > 3 and p, 20,
+                        "the next fleet halt")
+    assert (halted.revision, halted.state) == (4, "paused")
+    assert halted.reason == "phase 0 fleet-wide: 2 failed, more than max_failures 1"  # r3 and r4 only
+    status = api(desk, "GET", f"{API}/app-2").json()
+    assert status["phases"][0]["sites"]["gw"]["failed"] == 4  # the console still shows every failure
+
+
 def test_a_plan_that_cannot_be_judged_does_not_stop_the_fleet_halts(desk, role_keys):
     """A damaged revision row (written by hand into the live database: no request can make one)
     is logged and skipped; the other rollout (checked after it: ids in order) is still halted, and the

@@ -12,6 +12,7 @@ gateway's POST /metrics, as the telemetry agent does, and ask GET /manifest.
 """
 from __future__ import annotations
 
+import calendar
 import json
 import threading
 import time
@@ -270,6 +271,27 @@ def test_a_site_halts_on_its_canarys_rollback_with_the_dashboard_unreachable(rol
     assert report["phases"][0]["counts"] == {"attempts": 2, "committed": 1, "failed": 1}
     soaked(s, 0, 5)
     assert not s.started(1) and s.served("r5") == "1.0.0"  # soaked, and it still goes no further
+
+
+def test_a_resume_lifts_the_sites_own_halt_and_only_later_failures_halt_it_again(rollsite):
+    """The site halted itself on r1's rollback (pause). The operator's resume (revision 2, with
+    halt_since) must lift it: the site's old evidence is what the operator looked at. A failure
+    after the resume halts the site again. Before halt_since the evidence only grew, so the site
+    stayed halted under every revision."""
+    s = rollsite
+    take_first_plan(s, **two_phases(soak=3600, on_halt="pause"))
+    s.event("r1", "rolled_back", 0)
+    s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: site gw halted \(robots keep what they have\)")
+    assert s.served("r2") == "1.0.0"
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+    s.fleet.items = [s.item(revision=2, halt_since=since, **two_phases(soak=3600, on_halt="pause"))]
+    s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: revision 2 lifts the site halt")
+    wait_until(lambda: s.served("r2") == "2.0.0", 10, "the canary r2 to be given 2.0.0 again")
+    resumed_at = calendar.timegm(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ"))
+    wait_until(lambda: time.time() > resumed_at, 5, "the clock to pass halt_since")
+    s.event("r2", "rolled_back", 0)
+    s.gw.wait_for_count(f"rollout {ROLLOUT} phase 0: site gw halted", 2)
+    assert s.served("r2") == "1.0.0"
 
 
 @pytest.mark.parametrize("policy", ["hold", "continue"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -106,7 +107,8 @@ class RolloutDesk:
                 raise RolloutError(f"rollout {plan.rollout_id} is {plan.state}, not paused", 409)
             # The halt criteria start afresh: an automatic halt's evidence only grows, so without
             # this a resume would trip again on the very failures the operator has looked at.
-            return {"state": "active", "reason": doc.get("reason") or "", "halt_since": _rfc3339(now)}
+            # Whole seconds, rounded up: an event stamped in the second of the resume came before it.
+            return {"state": "active", "reason": doc.get("reason") or "", "halt_since": _rfc3339(math.ceil(now))}
         if action == "abort":
             return {"state": "aborted", "reason": reason}
         phase = doc["phase"] if "phase" in doc else _next_gate(plan)

@@ -4,8 +4,9 @@ The same pure function serves the dashboard (scope: the fleet) and each
 gateway (scope: its site), online or with its WAN down. Inputs are facts that
 only grow (phase start times, robots' outcomes), so a daemon killed at any
 moment recomputes the same decisions from what it had persisted: a halt lasts
-as long as its evidence, which never shrinks. Resuming after an automatic halt
-therefore takes a revision whose criteria the evidence does not breach.
+as long as its evidence, which never shrinks. A resume is a revision with
+`halt_since`: the criteria then judge only outcomes from that instant on
+(`tally(..., since=)`), which is also a fact that only grows.
 
 Rules, in order:
 - the plan's state wins: a `paused` or `aborted` plan opens nothing, whatever
