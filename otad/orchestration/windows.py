@@ -32,7 +32,7 @@ MAX_WINDOWS = 16
 MAX_TZ_CHARS = 64
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 HORIZON_DAYS = 15  # how far ahead closes_at/next_open look: two weeks and a day for DST
-_WINDOW = re.compile(r"([A-Za-z,-]+) +(\d\d):(\d\d)-(\d\d):(\d\d)")
+_WINDOW = re.compile(r"([A-Za-z,-]+) +([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 _TZ = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
