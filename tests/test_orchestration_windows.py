@@ -149,6 +149,13 @@ def test_fits_says_when_outside_and_when_it_will_not_fit():
     assert "until Mon 22:00" in fits(spec, BERLIN, utc("2026-06-06T10:00"), 600).reason
 
 
+@pytest.mark.parametrize("expected", [float("nan"), -1, float("inf")])
+def test_an_expected_install_time_that_is_not_a_duration_is_refused(expected):
+    """A NaN median (no installs yet, divided badly) would compare as fitting any window."""
+    with pytest.raises(WindowError):
+        fits("Mon-Sun 00:00-24:00", BERLIN, utc("2026-06-01T20:00"), expected)
+
+
 def test_a_parsed_schedule_and_zone_can_be_passed_instead_of_text():
     schedule, zone = parse_windows("Mon-Fri 22:00-05:00"), parse_timezone(BERLIN)
     assert is_open(schedule, zone, utc("2026-06-01T20:00")) == is_open("Mon-Fri 22:00-05:00", BERLIN, utc("2026-06-01T20:00"))

@@ -34,6 +34,7 @@ DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 HORIZON_DAYS = 15  # how far ahead closes_at/next_open look: two weeks and a day for DST
 _WINDOW = re.compile(r"([A-Za-z,-]+) +([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 _TZ = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}")
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory", "posix", "right"})
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 
@@ -119,6 +120,11 @@ def parse_timezone(name: str) -> ZoneInfo:
     """SITE_TIMEZONE: an IANA name (Europe/Berlin, UTC), never a path."""
     if not isinstance(name, str) or len(name) > MAX_TZ_CHARS or not _TZ.fullmatch(name) or ".." in name:
         raise WindowError(f"time zone {str(name)[:40]!r} is not an IANA name like Europe/Berlin")
+    # Files in the tz folder that are not site zones: the host's own zone (so the site's
+    # windows would move with the gateway's setup), and leap-second zones (right/ counts
+    # TAI seconds: every boundary 27 s off Unix time).
+    if name in _NOT_ZONES or name.startswith(("right/", "posix/")):
+        raise WindowError(f"time zone {name!r} is not a site's IANA zone (use e.g. Europe/Berlin)")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -217,6 +223,8 @@ def fits(spec: str | Schedule, tz: str | ZoneInfo, now: float, expected_install_
     """May a lease start at `now`? Only inside a window, and only if an install of
     `expected_install_s` (the site's median or a configured estimate) ends before it closes."""
     schedule, zone = _schedule(spec), _zone(tz)
+    if not 0 <= expected_install_s < float("inf"):  # NaN too: it would compare as "fits"
+        raise WindowError(f"expected install time {expected_install_s!r} is not a number of seconds >= 0")
     current, periods = _around(schedule, zone, now)
     if current is None:
         opens = next((o for o, _ in periods if o > now), None)
