@@ -50,6 +50,11 @@ def test_a_share_rounds_down_but_to_at_least_one(text, robots, slots):
     assert parse_limit(text).slots(robots) == slots
 
 
+@pytest.mark.parametrize("text", ["12.5%", "25%", "0%", "0.01%", "100%", "33.33%", "7"])
+def test_a_limit_is_shown_as_written(text):
+    assert str(parse_limit(text)) == text
+
+
 def test_the_plan_overrides_the_gateway_both_ways():
     site = parse_limit("3")
     assert Budget(site, plan=parse_limit("1")).slots(6) == 1

@@ -132,6 +132,20 @@ def test_stale_waiters_leave_and_withdrawn_robots_lose_their_place():
     assert [w.robot_id for w in table.order()] == ["r2", "r0"]
 
 
+def test_a_robot_that_died_holding_a_lease_is_not_granted_again_and_again():
+    """Its lease expires and it goes to the back of the queue, but it was last heard from at the
+    grant: the same sweep's waiting TTL drops it, so it cannot take the slot for another TTL."""
+    table, decide = LeaseTable(), budget_decide(Budget(parse_limit("1")))
+    table.request("dead", 0, 0)
+    table.request("alive", 0, 1)
+    table.grant(1, TTL, decide)
+    table.request("alive", 0, TTL)  # still asking; "dead" never renews
+    assert table.expire(TTL + 1, waiting_ttl_s=120) == [
+        "lease 1 of dead expired (not renewed within 300s); dead goes to the back of the queue",
+        "dead left the queue: not heard from for 300s"]
+    assert [d.robot_id for d in table.grant(TTL + 1, TTL, decide) if d.lease] == ["alive"]
+
+
 def test_an_earlier_phase_is_served_first_then_first_come_first_served():
     table = LeaseTable()
     table.request("late-phase", 1, 0)

@@ -52,7 +52,7 @@ class Limit:
         if self.count is not None:
             return str(self.count)
         whole, part = divmod(self.hundredths or 0, 100)
-        return f"{whole}.{part:02d}%".replace(".00%", "%")
+        return f"{whole}.{part:02d}".rstrip("0").rstrip(".") + "%"  # as written: 12.5%, 25%
 
 
 def parse_limit(text: str, what: str = "SITE_MAX_CONCURRENT") -> Limit:
