@@ -72,11 +72,11 @@ PYTEST_PARALLEL := -n 2 --dist loadfile
 test: $(VENV)/.installed interop-js browser-deps tls-deps fuse-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) --durations=15
 
-# Longer fuzzing of every parser (tests/test_fuzz_parsers.py): FUZZ_SECONDS per parser, fresh
+# Longer fuzzing of every parser (tests/test_fuzz_parsers.py, tests/test_fuzz_orchestration.py): FUZZ_SECONDS per parser, fresh
 # random seeds, examples kept in .hypothesis/. `make check` runs the short deterministic pass.
 FUZZ_SECONDS ?= 60
 fuzz: $(VENV)/.installed
-	FUZZ_SECONDS=$(FUZZ_SECONDS) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz_parsers.py
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz_parsers.py tests/test_fuzz_orchestration.py
 
 test-bookworm: $(VENV_BOOKWORM)/.installed interop-js tls-deps fuse-deps
 	$(VENV_BOOKWORM)/bin/python -m pytest $(PYTEST_PARALLEL) -q -p no:cacheprovider -m "not slow"

@@ -33,3 +33,25 @@ def loads_strict(data: bytes, error: Callable[[str], Exception], what: str) -> A
         if refusals:  # our own refusal, which may itself be a ValueError
             raise refusals[-1] from None
         raise error(f"{what} is not valid JSON") from None
+
+
+def check_depth(data: bytes, max_depth: int, error: Callable[[str], Exception], what: str) -> None:
+    """Refuse nesting deeper than `max_depth` before json.loads recurses into it (strings
+    skipped, escapes honoured), as `error("<what> nests deeper than N levels")`."""
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > max_depth:
+                raise error(f"{what} nests deeper than {max_depth} levels")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import importlib
 import itertools
 import json
 import os
@@ -393,6 +394,15 @@ def check_range_file(data: bytes) -> None:
 
 PARSERS = {"manifest": check_manifest, "plan": check_plan_document, "bundle": check_bundle, "checksum": check_checksum, "records": check_batch,
            "gzip": check_gzip, "config": check_config, "range": check_range_file, "versions": check_version_pair}
+
+
+def _orchestration(name: str):
+    """A check of test_fuzz_orchestration.py, looked up when a finding is replayed (that module
+    imports this one's generators, so it cannot be imported here at load time)."""
+    return lambda data: getattr(importlib.import_module("test_fuzz_orchestration"), name)(data)
+
+
+PARSERS.update(window=_orchestration("check_window_file"), leases=_orchestration("check_lease_table"))
 
 
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*")), ids=lambda p: p.name)

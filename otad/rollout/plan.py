@@ -19,7 +19,7 @@ from typing import Any
 
 from otad.errors import MalformedMetadata
 from otad.semver import Version
-from otad.strictjson import loads_strict
+from otad.strictjson import check_depth, loads_strict
 from otad.trust.manifest import timestamp_epoch
 
 SCHEMA = 1
@@ -319,21 +319,5 @@ def _version(text: str, field: str) -> str:
 
 
 def _check_depth(data: bytes) -> None:
-    """Refuse deep nesting before json.loads recurses into it (strings skipped, escapes honoured)."""
-    depth, in_string, escaped = 0, False, False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise PlanError(f"plan nests deeper than {MAX_DEPTH} levels")
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
+    """Refuse deep nesting before json.loads recurses into it."""
+    check_depth(data, MAX_DEPTH, PlanError, "plan")
