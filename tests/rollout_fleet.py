@@ -21,6 +21,7 @@ grow, so reading CURRENT first and the site state second never misses.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -31,7 +32,7 @@ from harness import BIN, wait_until
 from invariants import current_version, robot_state
 from otad.rollout.cohort import phase_of
 from otad.rollout.plan import Plan, plan_from_doc
-from topology import PREFIX, NsDaemon, _counter, _delete_namespace, ip, our_namespaces, shipped_config
+from topology import PREFIX, NsDaemon, _counter, ip, make_hosts, remove_all, shipped_config, wire
 
 WAN = "10.232.1"
 DASHBOARD_URL = f"http://{WAN}.1:8080"
@@ -52,7 +53,7 @@ def _secret(path: Path, text: str) -> Path:
 class RolloutFleet:
     def __init__(self, root: Path, key: Path, pub: Path, rollout_keys: Path, robots_per_site: int = 5) -> None:
         self.root, self.rollout_keys = root, rollout_keys
-        self.tag = f"{PREFIX}{__import__('os').getpid()}-{next(_counter)}"
+        self.tag = f"{PREFIX}{os.getpid()}-{next(_counter)}"
         self.site = Site(root, key, pub)
         self.robots = {gw: [f"{prefix}{n}" for n in range(1, robots_per_site + 1)] for gw, (prefix, _) in SITES.items()}
         self.gateway_of = {robot: gw for gw, robots in self.robots.items() for robot in robots}
@@ -63,12 +64,7 @@ class RolloutFleet:
 
     # -- building -------------------------------------------------------------------------
     def build(self) -> "RolloutFleet":
-        for ns in self.ns.values():
-            ip("netns", "add", ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-        for bridge in ("wan_net", *(f"edge_{p}" for p, _ in SITES.values())):
-            ip("-n", self.ns["sw"], "link", "add", bridge, "type", "bridge")
-            ip("-n", self.ns["sw"], "link", "set", bridge, "up")
+        make_hosts(self.ns.values(), self.ns["sw"], ("wan_net", *(f"edge_{p}" for p, _ in SITES.values())))
         self._wire("dashboard", "wan0", "wan_net", "dash", f"{WAN}.1")
         for n, (gw, (prefix, octet)) in enumerate(SITES.items(), 2):
             self._wire(gw, "wan0", "wan_net", f"{gw}-wan", f"{WAN}.{n}")
@@ -78,12 +74,7 @@ class RolloutFleet:
         return self
 
     def _wire(self, host: str, ifname: str, bridge: str, port: str, address: str) -> None:
-        sw, ns = self.ns["sw"], self.ns[host]
-        ip("-n", sw, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
-        ip("-n", sw, "link", "set", port, "master", bridge)
-        ip("-n", sw, "link", "set", port, "up")
-        ip("-n", ns, "addr", "add", f"{address}/24", "dev", ifname)
-        ip("-n", ns, "link", "set", ifname, "up")
+        wire(self.ns["sw"], self.ns[host], ifname, bridge, port, address)
 
     # -- daemons ----------------------------------------------------------------------------
     def _daemon(self, name: str, host: str, command: str, conf: str, overrides: dict, env: dict | None = None) -> None:
@@ -215,12 +206,7 @@ class RolloutFleet:
 
     def teardown(self) -> list[str]:
         """Kill every process, delete every namespace; return what could not be removed (expect [])."""
-        for daemon in self.daemons.values():
-            if daemon.running():
-                daemon.kill9()
-        for ns in self.ns.values():
-            _delete_namespace(ns)
-        return [f"namespace {n}" for n in our_namespaces() if n.startswith(self.tag + "-")]
+        return remove_all(self.daemons.values(), self.ns.values(), self.tag)
 
 
 class PhaseSampler:

@@ -102,7 +102,7 @@ def test_a_failing_release_halts_the_dark_site_by_itself_and_the_online_site_by_
     fleet.create({"rollout_id": "rollout-2", "version": "2.0.0", "from": ["1.0.0"], "on_halt": "rollback",
                   "offline_policy": "continue", "offline_max_phase": 1, "phases": [
                       {"robots": ["a1", "a2", "b1", "b2"], "min_soak_s": 120,
-                       "halt": {"site": {"max_failures": 1}, "fleet": {"max_failure_rate": 0.2, "min_attempts": 1}}},
+                       "halt": {"site": {"max_failures": 1}, "fleet": {"max_failure_rate": 0.2, "min_attempts": 2}}},
                       {"percent": 100}]})
     fleet.daemons["gwa"].wait_for_log(r"rollout rollout-2 phase 0: started at site gwa")
     fleet.cut_wan("gwa")
@@ -111,7 +111,8 @@ def test_a_failing_release_halts_the_dark_site_by_itself_and_the_online_site_by_
     fleet.daemons["gwa"].wait_for_log(r"rollout rollout-2 phase 0: site gwa halted \(robots on the target return\): "
                                       r"phase 0 at site gwa: 2 failed, more than max_failures 1", 120)
     # Site B, online: one of its two canaries fails, under its own criterion, so the dashboard's
-    # fleet-wide rate halts it, and b2, which committed 2.0.0, returns to 1.0.0.
+    # fleet-wide rate halts it once both have finished (min_attempts 2: A's are not there, A is dark),
+    # and b2, which committed 2.0.0, returns to 1.0.0.
     fleet.daemons["dashboard"].wait_for_log(r"rollout rollout-2 revision 2 phase 0 halted fleet-wide .*1 of 2 failed", 120)
     fleet.daemons["gwb"].wait_for_log(r"rollout rollout-2: took revision 2 \(aborted", 60)
     fleet.wait_settled(["a1", "a2", "b1", "b2"], "1.0.0")

@@ -91,6 +91,35 @@ def cleanup_stale() -> list[str]:
     return stale
 
 
+def make_hosts(namespaces, switch: str, bridges) -> None:
+    """A network namespace per host (loopback up) and the switch's bridges."""
+    for ns in namespaces:
+        ip("netns", "add", ns)
+        ip("-n", ns, "link", "set", "lo", "up")
+    for bridge in bridges:
+        ip("-n", switch, "link", "add", bridge, "type", "bridge")
+        ip("-n", switch, "link", "set", bridge, "up")
+
+
+def wire(switch: str, ns: str, ifname: str, bridge: str, port: str, address: str) -> None:
+    """A veth pair: `port` on the switch's `bridge`, `ifname` in `ns` with `address`/24."""
+    ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
+    ip("-n", switch, "link", "set", port, "master", bridge)
+    ip("-n", switch, "link", "set", port, "up")
+    ip("-n", ns, "addr", "add", f"{address}/24", "dev", ifname)
+    ip("-n", ns, "link", "set", ifname, "up")
+
+
+def remove_all(daemons, namespaces, tag: str) -> list[str]:
+    """Kill the daemons, delete the namespaces; the namespaces of `tag` still there (expect [])."""
+    for daemon in daemons:
+        if daemon.running():
+            daemon.kill9()
+    for ns in namespaces:
+        _delete_namespace(ns)
+    return [f"namespace {n}" for n in our_namespaces() if n.startswith(tag + "-")]
+
+
 class NsDaemon(Daemon):
     """harness.Daemon, started inside a network namespace."""
 
@@ -134,13 +163,7 @@ class Topology:
 
     # -- building -------------------------------------------------------------------
     def build(self) -> "Topology":
-        for ns in self.ns.values():
-            ip("netns", "add", ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-        sw = self.ns["sw"]
-        for bridge in ("wan_net", "edge_net"):
-            ip("-n", sw, "link", "add", bridge, "type", "bridge")
-            ip("-n", sw, "link", "set", bridge, "up")
+        make_hosts(self.ns.values(), self.ns["sw"], ("wan_net", "edge_net"))
         self._wire("dashboard", "wan0", "wan_net", "dash", DASHBOARD_IP)
         self._wire("gateway", "wan0", "wan_net", "gw-wan", GATEWAY_WAN_IP)
         self._wire("gateway", "edge0", "edge_net", "gw-edge", GATEWAY_EDGE_IP)
@@ -149,12 +172,7 @@ class Topology:
         return self
 
     def _wire(self, host: str, ifname: str, bridge: str, port: str, address: str) -> None:
-        sw, ns = self.ns["sw"], self.ns[host]
-        ip("-n", sw, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
-        ip("-n", sw, "link", "set", port, "master", bridge)
-        ip("-n", sw, "link", "set", port, "up")
-        ip("-n", ns, "addr", "add", f"{address}/24", "dev", ifname)
-        ip("-n", ns, "link", "set", ifname, "up")
+        wire(self.ns["sw"], self.ns[host], ifname, bridge, port, address)
 
     # -- daemons ----------------------------------------------------------------------
     def _daemon(self, name: str, host: str, command: str, conf: str, overrides: dict, env: dict | None = None) -> NsDaemon:
@@ -354,12 +372,7 @@ class Topology:
     # -- teardown ---------------------------------------------------------------------
     def teardown(self) -> list[str]:
         """Kill every process, delete every namespace; return what could not be removed (expect [])."""
-        for daemon in self.daemons.values():
-            if daemon.running():
-                daemon.kill9()
-        for ns in self.ns.values():
-            _delete_namespace(ns)
-        left = [f"namespace {n}" for n in our_namespaces() if n.startswith(self.tag + "-")]
+        left = remove_all(self.daemons.values(), self.ns.values(), self.tag)
         left += [f"process {p.pid} ({p.args[4]})" for p in self.started if p.poll() is None]
         return left
 
