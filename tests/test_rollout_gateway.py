@@ -588,3 +588,31 @@ def test_a_kept_pair_that_fails_verification_is_refused_once_and_the_newest_stay
     assert requests.get(f"{gw.url}/healthz", timeout=5).json()["release"] == "3.0.0"
     assert json.loads((s.root / "gw-state" / "release-floor.json").read_text())["highest"] == "3.0.0"
     assert gw.running() and "Traceback" not in log
+
+
+def test_a_robot_that_was_away_gets_the_release_its_plan_assigns_not_the_newest(rollsite):
+    """A real otad-robot with ROLLOUT_KEYS and a real telemetry agent come up at a site whose gateway
+    started after 3.0.0 was published. A base plan brings the robot to 1.0.0; the plan for 2.0.0 names it
+    in its canary. The gateway holds 1.0.0 and 2.0.0 only because it fetched them by version; the robot
+    verifies the plan itself and installs 2.0.0, never 3.0.0 (which no plan assigns)."""
+    from invariants import current_version
+
+    s = rollsite
+    s.site.release("2.0.0")
+    s.site.release("3.0.0")
+    base = s.item(rollout_id="base-1.0.0", version="1.0.0", **{"from": []}, offline_max_phase=0,
+                  phases=[{"robots": [], "percent": 100, "min_soak_s": 0, "advance": "auto", "halt": {}}])
+    s.fleet.items = [base, s.item(**two_phases(soak=3600))]
+    gw = s.start()
+    gw.wait_for_log(r"verified app 3\.0\.0 .*serving it to robots")
+    agent = s.site.agent(gw.url, "r1")
+    robot = s.site.robot(gw.url, "r1", ROLLOUT_KEYS=s.rollout_pub, TOKEN_FILE=s.root / "r1-agent.token")
+    agent.start(wait_listening=False)
+    robot.start(wait_listening=False)
+    app = s.root / "r1-app"
+    wait_until(lambda: current_version(app) == "1.0.0", 60, "the robot on 1.0.0 from the base plan")
+    wait_until(lambda: current_version(app) == "2.0.0", 60, "the robot on 2.0.0, which its plan assigns")
+    robot.wait_for_log(r"rollout app-2\.0\.0 revision 1 assigns app 2\.0\.0 to robot r1")
+    robot.wait_for_log(r"installed app 2\.0\.0")
+    assert "downloading app 3.0.0" not in robot.log() and not (app / "releases" / "3.0.0").exists()
+    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["release"] == "3.0.0"
