@@ -41,6 +41,7 @@ class FleetSide:
         self.items: list[dict] = []
         self.body: bytes | None = None  # raw Wire 1 body instead of `items` (hostile bodies)
         self.reports: list[dict] = []
+        self.rewrite: dict[str, str] = {}  # path asked -> path fetched from the real dashboard (a lying dashboard)
         self.polls = 0
         self.report_auth: set[str] = set()
         fleet = self
@@ -81,7 +82,8 @@ class FleetSide:
 
             def _pass(self, method: str, body: bytes | None) -> None:
                 headers = {k: self.headers[k] for k in PASS_HEADERS if self.headers.get(k)}
-                reply = requests.request(method, upstream + self.path, headers=headers, data=body, timeout=10)
+                path = fleet.rewrite.get(self.path, self.path)
+                reply = requests.request(method, upstream + path, headers=headers, data=body, timeout=10)
                 self._answer(reply.status_code, reply.content, [(k, reply.headers[k]) for k in BACK_HEADERS if k in reply.headers])
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -557,18 +559,24 @@ def test_a_gateway_started_after_newer_releases_caches_what_its_plan_assigns_not
     assert "cached for the rollout plans" not in s.gw.new_log()
 
 
-@pytest.mark.parametrize("case", ["untrusted-key", "expired"])
+@pytest.mark.parametrize("case", ["untrusted-key", "expired", "another-version"])
 def test_a_kept_pair_that_fails_verification_is_refused_once_and_the_newest_stays(rollsite, role_keys, case):
-    """2.0.0's kept pair at the dashboard is signed by a key this gateway does not trust, or has expired:
-    it is refused with one log line (held back, not fetched again every poll), 1.0.0 is still fetched,
-    and the newest release (3.0.0) and the floor are untouched."""
+    """2.0.0's kept pair at the dashboard is signed by a key this gateway does not trust, has expired, or
+    (a lying dashboard) is 3.0.0's genuine pair served under 2.0.0's name: it is refused with one log line
+    (held back, not fetched again every poll), 1.0.0 is still fetched, and the newest release (3.0.0)
+    and the floor are untouched."""
     s = rollsite
     if case == "untrusted-key":
         s.site.publish(s.site.build("2.0.0", key=role_keys["folder"] / "release.key"))
         expect = "signed by an unknown key"
-    else:
+    elif case == "expired":
         s.site.publish(s.site.build("2.0.0", args=("--expires-in", "-1")))
         expect = "expired at"
+    else:
+        s.site.release("2.0.0")
+        for tail in ("manifest", "manifest.bundle"):
+            s.fleet.rewrite[f"/releases/2.0.0/{tail}"] = f"/releases/3.0.0/{tail}"
+        expect = "the manifest served for 2.0.0 is of 3.0.0"
     s.site.release("3.0.0")
     s.fleet.items = [s.item(**two_phases(soak=3600))]
     gw = s.start()
@@ -579,7 +587,8 @@ def test_a_kept_pair_that_fails_verification_is_refused_once_and_the_newest_stay
     polls = s.fleet.polls
     wait_until(lambda: s.fleet.polls >= polls + 3, 30, "three more polls")
     log = gw.log()
-    assert log.count("rejected app 2.0.0") == 1 and expect in log, log[-2000:]
+    assert expect in line.group(0), line.group(0)
+    assert log.count("rejected app 2.0.0") == 1, log[-2000:]
     assert cached_versions(s) == {"1.0.0", "3.0.0"}
     assert not (s.root / "gw-state" / "cache" / "files" / "app-v2.0.0.tar.gz").exists()
     for robot in ROBOTS:
