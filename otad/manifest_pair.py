@@ -24,10 +24,18 @@ import os
 from pathlib import Path
 
 from otad.fsutil import atomic_write_bytes, fsync_dir
+from otad.semver import Version
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE
 
 MANIFEST_NEXT = "." + MANIFEST + ".next"
 BUNDLE_NEXT = "." + MANIFEST_BUNDLE + ".next"
+RELEASES_DIR = "releases"
+
+
+def release_folder(ota_dir: Path, version: str) -> Path:
+    """OTA_DIR/releases/<version>/: the manifest pair kept for one published version.
+    The version is checked first (strict syntax, no path separator can get through)."""
+    return ota_dir / RELEASES_DIR / Version(version).text
 
 
 def pair_names(folder: Path) -> tuple[str, str]:

@@ -19,9 +19,12 @@ from otad.errors import MalformedMetadata
 # "01" is refused (SemVer 9): it would be the same version as "1" under another spelling,
 # and blacklists, file names and the cache key versions by their text.
 _IDENTIFIER = r"(?:0|[1-9]\d*|\d*[A-Za-z][0-9A-Za-z]*)"
+# re.ASCII: `\d` alone also matches other scripts' digits, and int() reads them, so
+# "1\u0661.0.0" was the same version as "11.0.0" under another text (and a file or URL name).
 _VERSION = re.compile(
     r"(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
-    rf"(?:-({_IDENTIFIER}(?:\.{_IDENTIFIER})*))?"
+    rf"(?:-({_IDENTIFIER}(?:\.{_IDENTIFIER})*))?",
+    re.ASCII,
 )
 MAX_VERSION_LEN = 64
 

@@ -153,6 +153,27 @@ def test_a_poll_with_the_current_etag_is_a_bodyless_304(site):
     assert stale.status_code == 200 and stale.json()["version"] == "2.0.0"
 
 
+def test_every_published_version_keeps_its_own_signed_pair(site, releases):
+    """A newer publish does not take the older version's manifest away: gateways whose rollout plans
+    assign 1.0.0 fetch it by version (GET /releases/<version>/manifest and .bundle), with validators."""
+    daemon, ota = site
+    for version in ("1.0.0", "2.0.0"):
+        for route, name in (("manifest", "manifest.json"), ("manifest.bundle", "manifest.json.bundle")):
+            response = requests.get(f"{daemon.url}/releases/{version}/{route}", timeout=5)
+            assert response.status_code == 200, response.text
+            assert response.content == (releases[version] / name).read_bytes()
+            assert response.headers["Content-Type"] == "application/json" and response.headers["ETag"].startswith('"')
+            assert (ota / "releases" / version / name).read_bytes() == response.content
+    assert requests.get(f"{daemon.url}/manifest", timeout=5).json()["version"] == "2.0.0"  # still the newest
+    etag = requests.get(f"{daemon.url}/releases/1.0.0/manifest", timeout=5).headers["ETag"]
+    status, headers, body = raw_exchange(daemon.url, f"GET /releases/1.0.0/manifest HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\n")
+    assert status.startswith("HTTP/1.1 304 ") and body == b""
+    response, body = request(daemon.url, "GET", "/releases/3.0.0/manifest")
+    assert assert_json_error(response, body, 404) == {"error": "release 3.0.0 is not published here"}
+    response, body = request(daemon.url, "POST", "/releases/1.0.0/manifest")
+    assert_json_error(response, body, 405)
+
+
 def test_before_any_publish_the_manifest_is_a_json_404(dashboards, tmp_path):
     daemon = dashboards(tmp_path, tmp_path / "ota-not-created-yet")
     response, body = request(daemon.url, "GET", "/manifest")

@@ -3,7 +3,9 @@
 The bodies are tests/corpus/http/ with their expected answers in
 tests/corpus/http-cases.json (see tests/corpus/README.md). Each is posted to
 the real daemon; the answer must be the expected 4xx with a one-line JSON
-error, nothing may be stored, and the daemon must keep serving. Then: every
+error, nothing may be stored, and the daemon must keep serving. The request
+paths of tests/corpus/path-cases.json go to the dashboard's per-version routes
+(/releases/<version>/...) the same way. Then: every
 write endpoint wants a token, tokens never reach a log, token files others
 can read are refused, and tokens rotate without downtime (SIGHUP).
 """
@@ -25,6 +27,7 @@ from harness import run_command, wait_until, write_config
 
 CORPUS = Path(__file__).parent / "corpus"
 HTTP_CASES = json.loads((CORPUS / "http-cases.json").read_text())
+PATH_CASES = json.loads((CORPUS / "path-cases.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,38 @@ def test_hostile_body_is_refused_with_a_json_error(pair, case):
     assert gateway_ever_stored(pair) == 0 and dashboard_held(pair) == 0
     assert requests.get(f"{daemon.url}/healthz", timeout=5).json()["status"] == "ok"
     assert daemon.running() and "Traceback" not in daemon.log()
+
+
+@pytest.fixture(scope="module")
+def published(pair):
+    """1.0.0 published into the pair's OTA folder, and a file beside the folder a traversal would reach."""
+    pair.release("1.0.0")
+    (pair.root / "secret.txt").write_text("outside the OTA folder\n")
+    wait_until(lambda: requests.get(f"{pair.dashboard.url}/releases/1.0.0/manifest", timeout=5).status_code == 200, 10,
+               "the kept pair of 1.0.0 to be served")
+    return pair
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=[c["id"] for c in PATH_CASES])
+def test_hostile_release_paths_are_refused_with_a_json_error(published, case):
+    """http.client sends the path as it is (no normalisation), as an attacker would."""
+    import http.client
+
+    host, port = published.dashboard.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", case["path"])
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == case["status"], body[:300]
+    assert response.getheader("Content-Type") == "application/json"
+    document = json.loads(body)
+    assert list(document) == ["error"] and case["expect"] in document["error"] and "\n" not in document["error"]
+    assert len(document["error"]) < 200 and b"outside the OTA folder" not in body
+    assert requests.get(f"{published.dashboard.url}/releases/1.0.0/manifest", timeout=5).status_code == 200
+    assert published.dashboard.running() and "Traceback" not in published.dashboard.log()
 
 
 def test_a_body_without_content_length_is_411(pair):

@@ -222,10 +222,18 @@ def test_publish_copies_artifacts_and_keeps_older_versions(tmp_path, keypair):
     names = sorted(p.name for p in ota.iterdir())
     assert names == sorted(
         [f"app-v{v}{s}" for v in ("1.0.0", "1.1.0") for s in (".tar.gz", ".tar.gz.bundle", ".sha256")]
-        + ["manifest.json", "manifest.json.bundle"]
+        + ["manifest.json", "manifest.json.bundle", "releases"]
     )
     assert json.loads((ota / "manifest.json").read_text())["version"] == "1.1.0"
     assert verify_manifest(ota, pub).returncode == 0
+    # Each version keeps its own signed pair, the exact bytes it was published with (rollout plans may
+    # assign an older release: gateways fetch it by version).
+    assert sorted(p.name for p in (ota / "releases").iterdir()) == ["1.0.0", "1.1.0"]
+    for version in ("1.0.0", "1.1.0"):
+        kept = ota / "releases" / version
+        assert sorted(p.name for p in kept.iterdir()) == ["manifest.json", "manifest.json.bundle"]
+        for name in ("manifest.json", "manifest.json.bundle"):
+            assert (kept / name).read_bytes() == (tmp_path / f"out-{version}" / name).read_bytes()
 
 
 def test_publish_refuses_a_release_that_does_not_match_its_manifest(release, tmp_path):

@@ -195,11 +195,26 @@ def test_served_plans_verify_under_the_rollout_key_only(desk, role_keys):
 
 def test_create_refuses_a_version_that_is_not_published(desk):
     assert_one_line_error(rollout(desk, "create", write_plan(desk, plan_fields(version="9.9.9"))), "HTTP 409",
-                          "version 9.9.9 cannot be rolled out", "app-v9.9.9.tar.gz")
-    # An earlier publish stays a release the dashboard holds whole.
+                          "version 9.9.9 cannot be rolled out", "releases/9.9.9/manifest.json is not in")
+    # An earlier publish stays a release the dashboard holds whole, with its own manifest pair.
     back = plan_fields(rollout_id="back-to-1", version="1.0.0", **{"from": ["2.0.0"]})
     assert rollout(desk, "create", write_plan(desk, back)).returncode == 0
     assert set(served(desk)) == {"back-to-1"}
+
+
+def test_create_refuses_a_version_whose_manifest_gateways_cannot_fetch(desk, built):
+    """3.0.0's artifact, signature and checksum file copied into OTA_DIR by hand, without `otad-release
+    publish`: no releases/3.0.0/ pair, so no gateway could fetch and verify it; a plan for it is refused."""
+    out = built.build("3.0.0", size=1024)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in (manifest["artifact"], manifest["bundle"], manifest["checksum"]):
+        (desk.ota / name).write_bytes((out / name).read_bytes())
+    assert_one_line_error(rollout(desk, "create", write_plan(desk, plan_fields(rollout_id="app-3", version="3.0.0"))),
+                          "HTTP 409", "version 3.0.0 cannot be rolled out", "releases/3.0.0/manifest.json is not in",
+                          "gateways cannot fetch it")
+    assert served(desk) == {}
+    desk.publish(out)  # published properly, it is accepted
+    assert rollout(desk, "create", write_plan(desk, plan_fields(rollout_id="app-3", version="3.0.0"))).returncode == 0
 
 
 def test_wrong_missing_and_gateway_tokens_are_refused(desk, tmp_path):

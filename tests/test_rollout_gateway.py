@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fleet import GATEWAY_TOKEN, metric, post_records, robot_token, write_tokens
+from fleet import GATEWAY_TOKEN, fetch_release, metric, post_records, robot_token, write_tokens
 from harness import run_command, wait_until, write_config
 from otad.demo.faultproxy import FaultProxy
 from otad.rollout.signed import sign_plan
@@ -42,6 +42,7 @@ class FleetSide:
         self.items: list[dict] = []
         self.body: bytes | None = None  # raw Wire 1 body instead of `items` (hostile bodies)
         self.reports: list[dict] = []
+        self.rewrite: dict[str, str] = {}  # path asked -> path fetched from the real dashboard (a lying dashboard)
         self.polls = 0
         self.report_auth: set[str] = set()
         fleet = self
@@ -82,7 +83,8 @@ class FleetSide:
 
             def _pass(self, method: str, body: bytes | None) -> None:
                 headers = {k: self.headers[k] for k in PASS_HEADERS if self.headers.get(k)}
-                reply = requests.request(method, upstream + self.path, headers=headers, data=body, timeout=10)
+                path = fleet.rewrite.get(self.path, self.path)
+                reply = requests.request(method, upstream + path, headers=headers, data=body, timeout=10)
                 self._answer(reply.status_code, reply.content, [(k, reply.headers[k]) for k in BACK_HEADERS if k in reply.headers])
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -549,3 +551,120 @@ def test_a_site_halt_is_decided_on_the_post_metrics_that_carries_the_failure_bef
     assert s.served("r2") != "2.0.0"  # halted: r2, which had not started, is not handed it any more
     assert f"rollout {ROLLOUT} phase 0: site gw halted (robots keep what they have)" in gw.log()
     assert s.fleet.polls == polls  # no poll came in between: the POST itself decided
+
+
+def cached_versions(s: RolloutSite) -> set[str]:
+    return {p.stem for p in (s.root / "gw-state" / "cache" / "versions").glob("*.json")}
+
+
+def test_a_gateway_started_after_newer_releases_caches_what_its_plan_assigns_not_only_the_newest(rollsite):
+    """The dashboard's newest is 3.0.0; the plan moves robots from 1.0.0 to 2.0.0 with on_halt=rollback.
+    A gateway that never saw 1.0.0 or 2.0.0 as the newest fetches both by version (one log line each),
+    serves 2.0.0 to the canary with its token and 1.0.0 back after the halt, keeps 3.0.0 as its newest
+    release (cache manifest.json, floor, anonymous view) and GC (CACHE_KEEP_VERSIONS=1) keeps all three
+    while the plan is current, also across a restart."""
+    s = rollsite  # 1.0.0 is published
+    s.site.release("2.0.0")
+    s.site.release("3.0.0")
+    s.fleet.items = [s.item(**two_phases(soak=3600, on_halt="rollback"))]
+    gw = s.start(CACHE_KEEP_VERSIONS=1)
+    gw.wait_for_log(r"verified app 3\.0\.0 .*serving it to robots")
+    for version in ("1.0.0", "2.0.0"):
+        gw.wait_for_log(rf"verified app {version.replace('.', '[.]')} .*cached for the rollout plans that assign it, "
+                        r"not as the newest release \(still 3\.0\.0\)")
+    for robot in ROBOTS:
+        s.report(robot)  # on 1.0.0
+    assert s.served("r1") == "2.0.0" and s.served("r2") == "2.0.0"  # the canary
+    assert s.served("r3") == "1.0.0"  # waiting for its phase: its own version
+    given = requests.get(f"{gw.url}/manifest", headers={"Authorization": f"Bearer {robot_token('r1')}"}, timeout=5).json()
+    fetch_release(gw.url, given)  # the artifact, its signature and checksum file are served whole
+    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["release"] == "3.0.0"
+    state = s.root / "gw-state"
+    assert json.loads((state / "cache" / "manifest.json").read_text())["version"] == "3.0.0"
+    assert json.loads((state / "release-floor.json").read_text())["highest"] == "3.0.0"
+    assert cached_versions(s) == {"1.0.0", "2.0.0", "3.0.0"}
+    # on_halt=rollback: r2 committed 2.0.0, the canary r1 rolled back; r2 is sent back to 1.0.0.
+    s.report("r2", version="2.0.0")
+    s.event("r2", "committed", 0)
+    s.event("r1", "rolled_back", 0)
+    gw.wait_for_log(rf"rollout {ROLLOUT} phase 0: site gw halted")
+    wait_until(lambda: s.served("r2") == "1.0.0", 10, "r2 to be sent back to 1.0.0")
+    polls = s.fleet.polls
+    wait_until(lambda: s.fleet.polls >= polls + 2, 30, "two more polls")
+    assert gw.log().count("cached for the rollout plans") == 2  # fetched once each, not every poll
+    s.gw.kill9()
+    s.restart()
+    assert s.served("r2") == "1.0.0" and s.served("r3") == "1.0.0"
+    assert requests.get(f"{s.gw.url}/healthz", timeout=5).json()["release"] == "3.0.0"
+    polls = s.fleet.polls
+    wait_until(lambda: s.fleet.polls >= polls + 2, 30, "two polls after the restart")
+    assert cached_versions(s) == {"1.0.0", "2.0.0", "3.0.0"}
+    assert "cached for the rollout plans" not in s.gw.new_log()
+
+
+@pytest.mark.parametrize("case", ["untrusted-key", "expired", "another-version"])
+def test_a_kept_pair_that_fails_verification_is_refused_once_and_the_newest_stays(rollsite, role_keys, case):
+    """2.0.0's kept pair at the dashboard is signed by a key this gateway does not trust, has expired, or
+    (a lying dashboard) is 3.0.0's genuine pair served under 2.0.0's name: it is refused with one log line
+    (held back, not fetched again every poll), 1.0.0 is still fetched, and the newest release (3.0.0)
+    and the floor are untouched."""
+    s = rollsite
+    if case == "untrusted-key":
+        s.site.publish(s.site.build("2.0.0", key=role_keys["folder"] / "release.key"))
+        expect = "signed by an unknown key"
+    elif case == "expired":
+        s.site.publish(s.site.build("2.0.0", args=("--expires-in", "-1")))
+        expect = "expired at"
+    else:
+        s.site.release("2.0.0")
+        for tail in ("manifest", "manifest.bundle"):
+            s.fleet.rewrite[f"/releases/2.0.0/{tail}"] = f"/releases/3.0.0/{tail}"
+        expect = "the manifest served for 2.0.0 is of 3.0.0"
+    s.site.release("3.0.0")
+    s.fleet.items = [s.item(**two_phases(soak=3600))]
+    gw = s.start()
+    gw.wait_for_log(r"verified app 3\.0\.0 .*serving it to robots")
+    line = gw.wait_for_log(r"rejected app 2\.0\.0, which a rollout plan needs \(/releases/2\.0\.0/manifest\): .*; "
+                           r"still serving app 3\.0\.0 as the newest")
+    gw.wait_for_log(r"verified app 1\.0\.0 .*cached for the rollout plans")
+    polls = s.fleet.polls
+    wait_until(lambda: s.fleet.polls >= polls + 3, 30, "three more polls")
+    log = gw.log()
+    assert expect in line.group(0), line.group(0)
+    assert log.count("rejected app 2.0.0") == 1, log[-2000:]
+    assert cached_versions(s) == {"1.0.0", "3.0.0"}
+    assert not (s.root / "gw-state" / "cache" / "files" / "app-v2.0.0.tar.gz").exists()
+    for robot in ROBOTS:
+        s.report(robot)
+    assert s.served("r1") == "1.0.0"  # its target is not cached: it keeps its own version
+    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["release"] == "3.0.0"
+    assert json.loads((s.root / "gw-state" / "release-floor.json").read_text())["highest"] == "3.0.0"
+    assert gw.running() and "Traceback" not in log
+
+
+def test_a_robot_that_was_away_gets_the_release_its_plan_assigns_not_the_newest(rollsite):
+    """A real otad-robot with ROLLOUT_KEYS and a real telemetry agent come up at a site whose gateway
+    started after 3.0.0 was published. A base plan brings the robot to 1.0.0; the plan for 2.0.0 names it
+    in its canary. The gateway holds 1.0.0 and 2.0.0 only because it fetched them by version; the robot
+    verifies the plan itself and installs 2.0.0, never 3.0.0 (which no plan assigns)."""
+    from invariants import current_version
+
+    s = rollsite
+    s.site.release("2.0.0")
+    s.site.release("3.0.0")
+    base = s.item(rollout_id="base-1.0.0", version="1.0.0", **{"from": []}, offline_max_phase=0,
+                  phases=[{"robots": [], "percent": 100, "min_soak_s": 0, "advance": "auto", "halt": {}}])
+    s.fleet.items = [base, s.item(**two_phases(soak=3600))]
+    gw = s.start()
+    gw.wait_for_log(r"verified app 3\.0\.0 .*serving it to robots")
+    agent = s.site.agent(gw.url, "r1")
+    robot = s.site.robot(gw.url, "r1", ROLLOUT_KEYS=s.rollout_pub, TOKEN_FILE=s.root / "r1-agent.token")
+    agent.start(wait_listening=False)
+    robot.start(wait_listening=False)
+    app = s.root / "r1-app"
+    wait_until(lambda: current_version(app) == "1.0.0", 60, "the robot on 1.0.0 from the base plan")
+    wait_until(lambda: current_version(app) == "2.0.0", 60, "the robot on 2.0.0, which its plan assigns")
+    robot.wait_for_log(r"rollout app-2\.0\.0 revision 1 assigns app 2\.0\.0 to robot r1")
+    robot.wait_for_log(r"installed app 2\.0\.0")
+    assert "downloading app 3.0.0" not in robot.log() and not (app / "releases" / "3.0.0").exists()
+    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["release"] == "3.0.0"

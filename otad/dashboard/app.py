@@ -1,4 +1,4 @@
-"""The dashboard's WSGI application, OTA half: /manifest, /ota/<file>, /healthz.
+"""The dashboard's WSGI application, OTA half: /manifest, /releases/<version>/manifest, /ota/<file>, /healthz.
 
 Status and headers for every file come from otad.transfer.http.plan_response
 (the same rules as the gateway); this module only routes and moves bytes.
@@ -18,11 +18,13 @@ from otad import __version__
 from otad.dashboard import admin
 from otad.dashboard.admin import is_rollout_route
 from otad.dashboard.ingest import MAX_WIRE_BYTES, IngestError, authenticate, decode_body, parse_forwarded
-from otad.dashboard.ota import OtaFolder
+from otad.dashboard.ota import OtaFolder, Published
 from otad.dashboard.status import fleet_status, render_status
 from otad.dashboard.rollouts import RolloutDesk
 from otad.dashboard.store import TelemetryStore
 from otad.telemetry.tokens import TokenTable
+from otad.errors import MalformedMetadata
+from otad.semver import Version
 from otad.transfer.files import open_inside, safe_file_name
 from otad.transfer.http import Plan, Validators, plan_response, stat_etag
 
@@ -34,6 +36,10 @@ MANIFEST_ROUTES = ("/manifest", "/ota/manifest.json")
 # The manifest's signature, from the same in-memory pair as /manifest (never from disk alone).
 MANIFEST_BUNDLE_ROUTES = ("/manifest.bundle", "/ota/manifest.json.bundle")
 OTA_PREFIX = "/ota/"
+# Each published version's own pair (OTA_DIR/releases/<version>/), for gateways whose rollout
+# plans assign a release that is no longer the newest (docs/formats.md).
+RELEASES_PREFIX = "/releases/"
+RELEASE_ROUTES = {"manifest": False, "manifest.bundle": True}  # tail -> is the bundle
 _CONTENT_TYPES = {".json": "application/json", ".sha256": "text/plain; charset=us-ascii", ".gz": "application/gzip"}
 
 StartResponse = Callable[..., Any]
@@ -113,7 +119,8 @@ class DashboardApp:
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(page))),
                                       ("Cache-Control", "no-store")])
             return [] if method == "HEAD" else [page]
-        if not (path in MANIFEST_ROUTES or path in MANIFEST_BUNDLE_ROUTES or path == "/healthz" or path.startswith(OTA_PREFIX)):
+        if not (path in MANIFEST_ROUTES or path in MANIFEST_BUNDLE_ROUTES or path == "/healthz"
+                or path.startswith((OTA_PREFIX, RELEASES_PREFIX))):
             return error_response(start_response, 404, "not found", method)
         if method not in ("GET", "HEAD"):
             body = {"error": f"method {method[:20]} is not allowed here"}
@@ -122,6 +129,8 @@ class DashboardApp:
             return self._healthz(method, start_response)
         if path in MANIFEST_ROUTES or path in MANIFEST_BUNDLE_ROUTES:
             return self._manifest(method, environ, start_response, bundle=path in MANIFEST_BUNDLE_ROUTES)
+        if path.startswith(RELEASES_PREFIX):
+            return self._release(method, path[len(RELEASES_PREFIX):], environ, start_response)
         return self._file(method, path[len(OTA_PREFIX):], environ, start_response)
 
     def _metrics(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -155,6 +164,24 @@ class DashboardApp:
         current = self.ota.current()
         if current is None:
             return error_response(start_response, 404, "no release published yet", method)
+        return self._pair(current, method, environ, start_response, bundle)
+
+    def _release(self, method: str, tail: str, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """GET /releases/<version>/manifest[.bundle]: one published version's kept pair."""
+        version, _, what = tail.partition("/")
+        if what not in RELEASE_ROUTES:
+            return error_response(start_response, 404, "not found (/releases/<version>/manifest or manifest.bundle)", method)
+        try:
+            Version(version)
+        except MalformedMetadata:
+            return error_response(start_response, 400, "not a release version (MAJOR.MINOR.PATCH[-suffix])", method)
+        kept = self.ota.release(version)
+        if kept is None:
+            return error_response(start_response, 404, f"release {version} is not published here", method)
+        return self._pair(kept, method, environ, start_response, RELEASE_ROUTES[what])
+
+    def _pair(self, current: Published, method: str, environ: Environ, start_response: StartResponse,
+              bundle: bool) -> Iterable[bytes]:
         data, validators = (current.bundle, current.bundle_validators) if bundle else (current.data, current.validators)
         if data is None or validators is None:
             return error_response(start_response, 404, "the published manifest is not signed (no manifest.json.bundle)", method)

@@ -14,6 +14,10 @@ its commit point leaves the staged manifest with the new bundle, served as the
 pair (it is what the next publish finishes). A bundle that names another
 manifest's digest (files changed by hand) is not paired with it.
 The dashboard holds no keys; gateways verify the pair.
+
+Each published version's own pair, `releases/<version>/` (otad.manifest_pair.release_folder),
+is read from disk when asked for (`release`): gateways fetch one only when a rollout plan
+assigns a version they do not hold, so it is rare and need not be watched.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from otad.trust.bundle import MAX_BUNDLE_BYTES
 from otad.trust.digest import digest_file
 from otad.trust.manifest import MAX_MANIFEST_BYTES, Manifest, parse_checksum_file, parse_manifest
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest
-from otad.manifest_pair import BUNDLE_NEXT, MANIFEST_NEXT, pair_names
+from otad.manifest_pair import BUNDLE_NEXT, MANIFEST_NEXT, RELEASES_DIR, pair_names, release_folder
 
 log = logging.getLogger("otad.dashboard")
 
@@ -101,26 +105,57 @@ class OtaFolder:
             self._load()
 
     def unpublished(self, version: str) -> str | None:
-        """Why `version` is not a release this folder holds whole, or None if it is: the current
-        manifest's version, or an earlier publish's artifact with its signature and a checksum
-        file that matches it (publish never removes those). The dashboard holds no release key:
-        gateways and robots verify the signatures."""
+        """Why `version` is not a release gateways can fetch from this folder, or None if it is:
+        the current manifest's version, or a version with its kept pair in releases/<version>/
+        (written by every publish, never removed by one) whose artifact, signature and checksum
+        file are here and agree. The dashboard holds no release key: gateways and robots verify
+        the signatures."""
         current = self.current()
-        if current is None:
-            return "no release is published yet"
-        if same_version(current.manifest.version, version):
+        if current is not None and same_version(current.manifest.version, version):
             return None
-        stem = f"{current.manifest.name}-v{version}"
-        artifact, checksum = self.root / f"{stem}.tar.gz", self.root / f"{stem}.sha256"
-        if not any((self.root / f"{stem}.tar.gz{suffix}").is_file() for suffix in (".bundle", ".asc")):
+        kept = self.release(version)
+        if kept is None:
+            return (f"{RELEASES_DIR}/{version}/{MANIFEST} is not in {self.root}, so gateways cannot fetch it "
+                    f"(publish it with otad-release publish)")
+        manifest = kept.manifest
+        artifact, checksum = self.root / manifest.artifact, self.root / manifest.checksum
+        if not (self.root / manifest.bundle).is_file():
             return f"{artifact.name} and its signature are not in {self.root} (publish it with otad-release publish)"
         try:
             digest_hex, named = parse_checksum_file(checksum.read_bytes()[:4096])
-            if named != artifact.name or digest_file(artifact).hex != digest_hex:
-                return f"{artifact.name} does not match {checksum.name}"
-        except (OSError, MalformedMetadata) as exc:
-            return f"{checksum.name}: {getattr(exc, 'strerror', None) or exc}"
+            if named != artifact.name or digest_file(artifact).hex != digest_hex or digest_hex != manifest.sha256:
+                return f"{artifact.name} does not match {checksum.name} and its manifest"
+        except OSError as exc:
+            return f"{Path(exc.filename or checksum).name}: {exc.strerror or exc}"
+        except MalformedMetadata as exc:
+            return f"{checksum.name}: {exc}"
         return None
+
+    def release(self, version: str) -> Published | None:
+        """The manifest pair kept for `version` (releases/<version>/), read from disk now; None if
+        there is none, or it is unreadable or inconsistent (logged)."""
+        try:
+            folder = release_folder(self.root, version)
+        except MalformedMetadata:
+            return None
+        try:
+            data, st, bundle, bundle_st = _read_pair(folder)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("cannot read %s (%s)", folder / MANIFEST, exc.strerror or exc)
+            return None
+        try:
+            manifest = parse_manifest(data)
+            if manifest.version != version:
+                raise MalformedMetadata(f"it holds the manifest of {manifest.version}")
+        except MalformedMetadata as exc:
+            log.error("ignoring %s: %s", folder / MANIFEST, exc)
+            return None
+        if bundle is not None and bundle_names_manifest(data, bundle) is False:
+            log.warning("%s names another manifest than %s (changed by hand?)", folder / MANIFEST_BUNDLE, MANIFEST)
+            return None
+        return _published(data, st, manifest, bundle, bundle_st)
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -147,7 +182,7 @@ class OtaFolder:
         path = self.root / MANIFEST
         seen = self._stat_key()
         try:
-            data, st, bundle, bundle_st = self._read_pair()
+            data, st, bundle, bundle_st = _read_pair(self.root)
         except FileNotFoundError:
             self._seen = seen
             if self._current is not None:
@@ -170,35 +205,10 @@ class OtaFolder:
         if bundle is not None and bundle_names_manifest(data, bundle) is False:
             log.warning("%s names another manifest than %s (changed by hand?); %s", MANIFEST_BUNDLE, MANIFEST, self._still_serving())
             return
-        etag = content_etag(hashlib.sha256(data).hexdigest())
-        bundle_validators = None
-        if bundle is not None:
-            bundle_validators = Validators(len(bundle), content_etag(hashlib.sha256(bundle).hexdigest()), int(bundle_st.st_mtime))
-        else:
+        if bundle is None:
             log.warning("%s has no %s: gateways will refuse the unsigned manifest", path, MANIFEST_BUNDLE)
-        self._current = Published(data, Validators(len(data), etag, int(st.st_mtime)), manifest, bundle, bundle_validators)
-        log.info("serving %s %s (manifest ETag %s)", manifest.name, manifest.version, etag)
-
-    def _read_pair(self) -> tuple[bytes, os.stat_result, bytes | None, os.stat_result | None]:
-        """The manifest and its bundle (None if missing); FileNotFoundError when there is no manifest."""
-        for attempt in range(3):
-            manifest_name, bundle_name = pair_names(self.root)
-            try:
-                data, st = _read_manifest(self.root / manifest_name, MAX_MANIFEST_BYTES)
-                try:
-                    bundle, bundle_st = _read_manifest(self.root / bundle_name, MAX_BUNDLE_BYTES)
-                except FileNotFoundError:
-                    if bundle_name != MANIFEST_BUNDLE:
-                        raise
-                    bundle, bundle_st = None, None
-                except OSError:
-                    bundle, bundle_st = None, None
-                return data, st, bundle, bundle_st
-            except FileNotFoundError:
-                if manifest_name == MANIFEST and bundle_name == MANIFEST_BUNDLE:
-                    raise
-                # A staged file was renamed in while we read: the pair is complete now, look again.
-        raise FileNotFoundError(self.root / MANIFEST)
+        self._current = _published(data, st, manifest, bundle, bundle_st)
+        log.info("serving %s %s (manifest ETag %s)", manifest.name, manifest.version, self._current.validators.etag)
 
     def _still_serving(self) -> str:
         return f"still serving {self._current.label}" if self._current else "no release is served yet"
@@ -254,6 +264,37 @@ def _stat_key(path: Path) -> StatKey | None:
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _published(data: bytes, st: os.stat_result, manifest: Manifest, bundle: bytes | None,
+               bundle_st: os.stat_result | None) -> Published:
+    etag = content_etag(hashlib.sha256(data).hexdigest())
+    bundle_validators = None
+    if bundle is not None:
+        bundle_validators = Validators(len(bundle), content_etag(hashlib.sha256(bundle).hexdigest()), int(bundle_st.st_mtime))
+    return Published(data, Validators(len(data), etag, int(st.st_mtime)), manifest, bundle, bundle_validators)
+
+
+def _read_pair(folder: Path) -> tuple[bytes, os.stat_result, bytes | None, os.stat_result | None]:
+    """A folder's manifest and its bundle (None if missing); FileNotFoundError when there is no manifest."""
+    for attempt in range(3):
+        manifest_name, bundle_name = pair_names(folder)
+        try:
+            data, st = _read_manifest(folder / manifest_name, MAX_MANIFEST_BYTES)
+            try:
+                bundle, bundle_st = _read_manifest(folder / bundle_name, MAX_BUNDLE_BYTES)
+            except FileNotFoundError:
+                if bundle_name != MANIFEST_BUNDLE:
+                    raise
+                bundle, bundle_st = None, None
+            except OSError:
+                bundle, bundle_st = None, None
+            return data, st, bundle, bundle_st
+        except FileNotFoundError:
+            if manifest_name == MANIFEST and bundle_name == MANIFEST_BUNDLE:
+                raise
+            # A staged file was renamed in while we read: the pair is complete now, look again.
+    raise FileNotFoundError(folder / MANIFEST)
 
 
 def _read_manifest(path: Path, limit: int) -> tuple[bytes, os.stat_result]:

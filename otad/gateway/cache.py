@@ -2,6 +2,7 @@
 
 Layout under CACHE_DIR:
     manifest.json          the manifest robots see (the dashboard's exact bytes); names the active version
+                           (never a release fetched only because a rollout plan needs it)
     versions/<v>.json      each cached, verified version: {"manifest": b64, "manifest_bundle": b64},
                            the signed manifest and its bundle as one file, so they never disagree
     files/<name>           artifacts, bundles and checksum files of those versions
@@ -155,8 +156,11 @@ class Cache:
         return None
 
     def install(self, manifest: Manifest, manifest_bytes: bytes, manifest_bundle: bytes, artifact: Path,
-                bundle: bytes, checksum: bytes) -> CachedRelease:
-        """Move a verified release in; the robots' manifest.json changes last."""
+                bundle: bytes, checksum: bytes, activate: bool = True) -> CachedRelease:
+        """Move a verified release in; the robots' manifest.json changes last.
+
+        `activate=False`: a release a rollout plan needs (gateway/planned.py) is kept beside
+        the active one, served only to robots a plan assigns it; manifest.json stays."""
         with self._lock:
             atomic_write_bytes(self.files_dir / manifest.bundle, bundle)
             atomic_write_bytes(self.files_dir / manifest.checksum, checksum)
@@ -166,10 +170,11 @@ class Cache:
                 _unlink(artifact.with_name(artifact.name + ".meta"))
                 fsync_dir(self.files_dir)
             atomic_write_bytes(self.versions_dir / f"{manifest.version}.json", _envelope(manifest_bytes, manifest_bundle))
-            atomic_write_bytes(self.root / MANIFEST, manifest_bytes)
+            if activate:
+                atomic_write_bytes(self.root / MANIFEST, manifest_bytes)
             release = self._describe(manifest, manifest_bytes, manifest_bundle, bundle, checksum)
             releases = {**self.snapshot.releases, manifest.version: release}
-            self._publish(releases, release)
+            self._publish(releases, release if activate else self.snapshot.active)
             return release
 
     # -- bounds -------------------------------------------------------------------

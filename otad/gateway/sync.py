@@ -13,6 +13,11 @@ fails verification is held back (transfer/backoff.py ManifestPoll) until the
 dashboard publishes a different manifest, the hold ends, or SIGHUP, so a bad
 release does not cost the WAN a download every poll, and is tried again once
 its cause may be gone.
+
+With rollouts, each poll that reached the dashboard also fetches the releases a
+current plan needs and the cache lacks (gateway/planned.py), through the same
+verification and download as the newest one; they are cached beside it, never
+made the active release, and never move the floor.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from otad.errors import OtadError, TransportError, TrustError
 from otad.gateway.cache import Cache
 from otad.gateway.floor import FloorStore
+from otad.gateway.planned import PlannedReleases
 from otad.gateway.rollouts import MAX_PLANS_BYTES, Rollouts
 from otad.gateway.settings import GatewaySettings
 from otad.transfer.backoff import Backoff, ManifestPoll, jittered
@@ -68,7 +74,8 @@ class Syncer:
         self._polls = ManifestPoll()  # the ETag and the hold on a refused manifest
         self._backoff = Backoff()
         self._next_gc = 0.0
-        self._pending_part: str | None = None
+        self._parts: dict[str, str] = {}  # "newest" / "planned": the .part being fetched, kept from GC
+        self._planned = PlannedReleases()
         self._warned_expired: bytes | None = None
         self._floors = FloorStore(settings.state_dir)
         active = cache.snapshot.active
@@ -87,6 +94,7 @@ class Syncer:
             old.close()
         self._next_gc = 0.0  # new bounds apply now, not at the old interval's end
         self._polls.reset()  # e.g. CACHE_MAX_MB raised or a key added: a refused manifest may pass now
+        self._planned.reset()
         if self.rollouts is not None:
             self.rollouts.configure(settings.rollout_keys, settings.trusted_keys)
         self._wake.set()
@@ -145,6 +153,18 @@ class Syncer:
                 self._send_reports(now)
         except OtadError as exc:  # e.g. disk full: the decision is made again at the next poll
             log.error("rollout: cannot persist the site's rollout state: %s", exc)
+        if online:
+            self._fetch_planned()
+
+    def _fetch_planned(self) -> None:
+        """The releases current plans need that the cache lacks (gateway/planned.py)."""
+        snapshot = self.cache.snapshot
+        try:
+            self._planned.fetch(self.client, self.rollouts.needed_versions(), snapshot.releases, self._verify,
+                                lambda signed, body, bundle: self._fetch_and_install(signed, body, bundle, newest=False),
+                                snapshot.active.manifest.version if snapshot.active else None)
+        finally:
+            self.state.downloading = None
 
     def _fetch_plans(self, now: float) -> bool:
         try:
@@ -236,11 +256,16 @@ class Syncer:
         active = self.cache.snapshot.active
         keeping = f"; keeping app {active.manifest.version}" if active is not None else ""
         log.warning("rejected %s: %s%s", what, exc, keeping)
-        self._pending_part = None
+        self._parts.pop("newest", None)
 
-    def _fetch_and_install(self, signed: SignedManifest, body: bytes, manifest_bundle: bytes) -> None:
+    def _fetch_and_install(self, signed: SignedManifest, body: bytes, manifest_bundle: bytes, newest: bool = True) -> None:
+        """Download, verify and cache a verified manifest's release. `newest`: from /manifest, it
+        becomes the active release and moves the floor; otherwise (a release a plan needs, fetched
+        by version) it is only cached beside the active one, and the floor is not consulted: it
+        governs what this gateway serves as its newest release (docs/security.md)."""
         manifest = signed.manifest
-        downgrade = self._check_floor(manifest)
+        role = "newest" if newest else "planned"
+        downgrade = self._check_floor(manifest) if newest else False
         reason = self.cache.room_for(manifest.size, self.settings.cache_max_bytes)
         if reason is not None:
             raise CacheFull(reason)
@@ -248,10 +273,10 @@ class Syncer:
         checksum = self.client.get_small(f"/ota/{manifest.checksum}", MAX_CHECKSUM_BYTES).body
         artifact = self.cache.cached_artifact(manifest)
         if artifact is None:
-            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, reserve=manifest.size,
-                          keep_parts=frozenset({self.cache.partial_path(manifest.artifact).name}), protect=self._protected())
             artifact = self.cache.partial_path(manifest.artifact)
-            self._pending_part = artifact.name
+            self._parts[role] = artifact.name
+            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, reserve=manifest.size,
+                          keep_parts=frozenset(self._parts.values()), protect=self._protected())
             self.state.downloading, self.state.received, self.state.total = manifest.version, 0, manifest.size
             log.info("downloading %s %s (%d bytes)", manifest.name, manifest.version, manifest.size)
             observed = self.client.download(f"/ota/{manifest.artifact}", artifact, manifest.size, self._progress)
@@ -264,16 +289,24 @@ class Syncer:
             if artifact.name.endswith(".part"):
                 artifact.unlink(missing_ok=True)
                 artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
+            self._parts.pop(role, None)
             raise
-        floor = self.floor.after(manifest, downgrade)
-        if floor != self.floor:
-            self._floors.save(floor)  # before robots are served the release: never below what is served
-            self.floor = floor
-        self.cache.install(manifest, body, manifest_bundle, artifact, bundle, checksum)
-        self._pending_part = None
+        if newest:
+            floor = self.floor.after(manifest, downgrade)
+            if floor != self.floor:
+                self._floors.save(floor)  # before robots are served the release: never below what is served
+                self.floor = floor
+        self.cache.install(manifest, body, manifest_bundle, artifact, bundle, checksum, activate=newest)
+        self._parts.pop(role, None)
         self._gc_if_due(force=True)
-        log.info("verified %s %s (sha256 %s..., key %s; manifest signed by %s, expires %s); serving it to robots",
-                 manifest.name, manifest.version, verified.sha256[:12], verified.key, signed.key, manifest.expires)
+        facts = (f"sha256 {verified.sha256[:12]}..., key {verified.key}; manifest signed by {signed.key}, "
+                 f"expires {manifest.expires}")
+        if newest:
+            log.info("verified %s %s (%s); serving it to robots", manifest.name, manifest.version, facts)
+        else:
+            active = self.cache.snapshot.active
+            log.info("verified %s %s (%s); cached for the rollout plans that assign it, not as the newest release%s",
+                     manifest.name, manifest.version, facts, f" (still {active.manifest.version})" if active else "")
 
     def _check_floor(self, manifest: Manifest) -> bool:
         """Refuse a version below the highest this gateway verified; True for an authorised downgrade."""
@@ -295,9 +328,8 @@ class Syncer:
         if not force and now < self._next_gc:
             return
         self._next_gc = now + self.settings.cache_gc_interval
-        keep = frozenset({self._pending_part}) if self._pending_part else frozenset()
         try:
-            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, keep_parts=keep,
+            self.cache.gc(self.settings.cache_keep_versions, self.settings.cache_max_bytes, keep_parts=frozenset(self._parts.values()),
                           protect=self._protected())
         except OSError as exc:
             log.error("cache gc failed: %s", exc)

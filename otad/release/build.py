@@ -4,8 +4,10 @@ build: package the app reproducibly, checksum it, sign it, write the manifest
 and sign the manifest (manifest.json.bundle, same signer as the artifact).
 publish: copy a built release into the dashboard's OTA folder so that a
 poller never sees a manifest whose files are missing or half written: the
-artifacts first (each by rename, durable), then manifest.json with its bundle
-as one durable step (otad.manifest_pair), in OUT as in OTA_DIR.
+artifacts first (each by rename, durable), then the version's own manifest pair
+in OTA_DIR/releases/<version>/ (kept after newer publishes, for gateways whose
+rollout plans assign it), then manifest.json with its bundle, each pair as one
+durable step (otad.manifest_pair), in OUT as in OTA_DIR.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from otad.trust.manifest import (
     utc_timestamp,
 )
 from otad.trust.metadata import MANIFEST, MANIFEST_BUNDLE, bundle_names_manifest, check_release_names
-from otad.manifest_pair import finish_manifest_pair, pair_names, write_manifest_pair
+from otad.manifest_pair import finish_manifest_pair, pair_names, release_folder, write_manifest_pair
 from otad.trust.verify import check_checksum_file, check_digest
 
 DEFAULT_EXPIRES_DAYS = 30.0
@@ -123,7 +125,11 @@ def read_manifest_file(path: str | os.PathLike[str]) -> Manifest:
 
 
 def publish_release(from_dir: str, ota_dir: str) -> Manifest:
-    """Copy artifacts first (each fsynced), then the manifest with its bundle as one durable step.
+    """Copy artifacts first (each fsynced), then the version's kept pair, then the current pair.
+
+    The kept pair (releases/<version>/) comes before the current one, so every version
+    /manifest names also answers at /releases/<version>/manifest. Publishing a version
+    again (e.g. after `otad-release refresh`) replaces its kept pair too.
 
     A poller may still read the new manifest with the old bundle (or the
     reverse) when its two requests straddle the switch; gateways and
@@ -157,5 +163,8 @@ def publish_release(from_dir: str, ota_dir: str) -> Manifest:
     for file_name in manifest.files:
         if not (already and file_name == manifest.artifact):
             atomic_copy(src / file_name, dst / file_name)
+    kept = release_folder(dst, manifest.version)
+    make_dirs(kept)
+    write_manifest_pair(kept, manifest_bytes, bundle_bytes)
     write_manifest_pair(dst, manifest_bytes, bundle_bytes)
     return manifest

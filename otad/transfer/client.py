@@ -33,6 +33,7 @@ import requests
 from otad import __version__
 from otad.errors import ChecksumMismatch, MalformedMetadata, TransportError, TrustError
 from otad.fsutil import atomic_write_bytes
+from otad.semver import Version
 from otad.transfer.tls import ClientTls, describe_tls_error
 from otad.transfer.watchdog import Progress, WatchedAdapter, socket_progress_available
 from otad.trust.bundle import MAX_BUNDLE_BYTES
@@ -43,6 +44,13 @@ from otad.trust.metadata import UnsignedManifest
 T = TypeVar("T")
 MANIFEST_PATH = "/manifest"
 MANIFEST_BUNDLE_PATH = "/manifest.bundle"
+
+
+def release_paths(version: str) -> tuple[str, str]:
+    """The dashboard's kept pair of one published version (docs/formats.md); `version` checked first."""
+    text = Version(version).text
+    return f"/releases/{text}/manifest", f"/releases/{text}/manifest.bundle"
+
 
 DOWNLOAD_CHUNK = 256 * 1024
 MIN_CHUNK = 4096
@@ -157,27 +165,29 @@ class HttpClient:
                     raise TransportError(f"GET {url}: {watch.tripped or f'body ended at {len(body)} of {declared} bytes'}")
                 return Fetched(200, bytes(body), response.headers.get("ETag"))
 
-    def get_manifest_bundle(self) -> bytes:
+    def get_manifest_bundle(self, path: str = MANIFEST_BUNDLE_PATH) -> bytes:
         try:
-            return self.get_small(MANIFEST_BUNDLE_PATH, MAX_BUNDLE_BYTES).body
+            return self.get_small(path, MAX_BUNDLE_BYTES).body
         except HttpStatusError as exc:
             if exc.status == 404:
                 raise UnsignedManifest(f"manifest is not signed: {exc}") from None
             raise
 
-    def verified_manifest(self, manifest: bytes, verify: Callable[[bytes, bytes], T]) -> tuple[T, bytes, bytes]:
+    def verified_manifest(self, manifest: bytes, verify: Callable[[bytes, bytes], T],
+                          paths: tuple[str, str] = (MANIFEST_PATH, MANIFEST_BUNDLE_PATH)) -> tuple[T, bytes, bytes]:
         """Fetch the bundle of `manifest` and return (verify(manifest, bundle), manifest, bundle).
 
-        /manifest and /manifest.bundle are two requests, and a publish (or a
-        gateway installing a release) can land between them: if the pair does
-        not verify, both are fetched again once and the new pair is verified.
+        /manifest and /manifest.bundle (or another pair's two `paths`, e.g. release_paths)
+        are two requests, and a publish (or a gateway installing a release) can land between
+        them: if the pair does not verify, both are fetched again once and the new pair is verified.
         """
-        bundle = self.get_manifest_bundle()
+        manifest_path, bundle_path = paths
+        bundle = self.get_manifest_bundle(bundle_path)
         try:
             return verify(manifest, bundle), manifest, bundle
         except TrustError:
-            again = self.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES).body
-            bundle_again = self.get_manifest_bundle()
+            again = self.get_small(manifest_path, MAX_MANIFEST_BYTES).body
+            bundle_again = self.get_manifest_bundle(bundle_path)
             if again == manifest and bundle_again == bundle:
                 raise
         return verify(again, bundle_again), again, bundle_again
