@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -294,6 +296,32 @@ def test_a_resume_lifts_the_sites_own_halt_and_only_later_failures_halt_it_again
     s.event("r2", "rolled_back", 0)
     s.gw.wait_for_count(f"rollout {ROLLOUT} phase 0: site gw halted", 2)
     assert s.served("r2") == "1.0.0"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs as the gateway's STATE_DIR (needs root)")
+def test_a_phase_start_that_could_not_be_saved_is_saved_and_logged_once_the_disk_has_room(rollsite):
+    """The gateway's disk fills just as phase 1 is due. The start is decided in memory, the save
+    fails ("cannot persist"); nothing new happens afterwards. Once there is room again, the next
+    poll must save the start and log it. Before, the decision stayed in memory only, so serving
+    followed a phase start that no file held and no journal line told (a restart would decide it
+    again at another time). A real tmpfs, really full."""
+    s = rollsite
+    state = s.root / "gw-state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state)], check=True, timeout=30)
+    try:
+        take_first_plan(s, **two_phases(soak=3))
+        filler = state / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True, timeout=60)
+        soaked(s, 0, 3)  # phase 1 was due, and two polls have passed since
+        assert "rollout: cannot persist the site's rollout state" in s.gw.log()
+        assert "phase 1: started" not in s.gw.log()
+        filler.unlink()
+        s.gw.wait_for_log(rf"rollout {ROLLOUT} phase 1: started at site gw", 10)
+        assert "1" in s.site_state()["rollouts"][ROLLOUT]["started"]
+    finally:
+        s.gw.kill9()
+        subprocess.run(["umount", "-l", str(state)], timeout=30)
 
 
 @pytest.mark.parametrize("policy", ["hold", "continue"])

@@ -73,6 +73,10 @@ class Rollouts:
         self.current: dict[str, Current] = {}
         self._last_body: bytes | None = None
         self._online = False  # the dashboard answered the last poll: what a decision between polls assumes
+        # A save that failed (disk full) leaves decisions in memory only: the next decision saves
+        # again even if nothing new happened, and logs the lines held back until then.
+        self._unsaved = False
+        self._unlogged: list[tuple[int, str]] = []
         if not self.enabled:
             return  # no ROLLOUT_KEYS: today's behaviour, nothing read or written
         self.seen = self.files.load_seen()
@@ -166,17 +170,29 @@ class Rollouts:
 
     def _decide_some(self, rids: list[str], now: float, online: bool) -> bool:
         """Decide these rollouts; persist what changed, then log it. The caller holds the lock."""
-        lines: list[tuple[int, str]] = []
+        lines, self._unlogged = self._unlogged, []
         changed = False
         for rid in rids:
             before = self._record(rid)
             lines += self._decide(rid, self.current[rid].plan, now, online)
             changed |= self._record(rid) != before
-        if changed:
-            self.files.save_site(self.state)
+        if changed or self._unsaved:
+            try:
+                self._save_site()
+            except BaseException:
+                self._unlogged = lines  # logged once the decision is on disk
+                raise
         for level, line in lines:
             log.log(level, "%s", line)
         return changed
+
+    def _save_site(self) -> None:
+        try:
+            self.files.save_site(self.state)
+        except BaseException:
+            self._unsaved = True
+            raise
+        self._unsaved = False
 
     def _record(self, rid: str) -> tuple:
         rec = self.state.rollouts.get(rid)
@@ -230,7 +246,7 @@ class Rollouts:
                         changed = True
                         evidence.add(record["rollout_id"])
             if changed:
-                self.files.save_site(self.state)
+                self._save_site()
             # On the evidence itself: a halt (or a commit completing min_attempts) takes effect before
             # the robot is answered, and before any other robot asks /manifest again.
             self._decide_some(sorted(evidence & set(self.current)), now, self._online)
@@ -275,7 +291,7 @@ class Rollouts:
                                    came_from=came_from)
                 if given.version is not None and given.version in cached:
                     if not given.rollback and given.phase is not None and self._event(rid, robot, given.phase, "offered", now):
-                        self.files.save_site(self.state)
+                        self._save_site()
                     return Served(given.version, given.reason)
                 if given.version is not None:
                     given = replace(given, reason=f"{given.reason}, which is not cached yet")
@@ -338,7 +354,7 @@ class Rollouts:
             rec = self.state.rollouts.get(rid)
             if rec is not None and rec.reported != digest:
                 rec.reported = digest
-                self.files.save_site(self.state)
+                self._save_site()
 
     def _report(self, plan: Plan, rec: RolloutRecord, now: float) -> dict:
         counts = self._evidence(plan, rec, now).sites.get(self.site, {})
