@@ -17,7 +17,8 @@ $(VENV)/.installed: setup.cfg setup.py
 	touch $@
 
 # A second environment pinned to Debian bookworm's library versions. The suite runs
-# there too, less the long kill -9 loops (marked slow), which exercise our code,
+# there too, less the tests marked slow (the long kill -9 and power-cut loops, the
+# netns fleet and the rollout daemons' tests), which exercise our code,
 # not the libraries', and already ran once above.
 $(VENV_BOOKWORM)/.installed: setup.cfg setup.py ci/bookworm-constraints.txt
 	test -x $(VENV_BOOKWORM)/bin/python || $(PYTHON) -m venv $(VENV_BOOKWORM)

@@ -27,6 +27,11 @@ from otad.rollout.cohort import phase_of
 from otad.rollout.signed import UntrustedPlan, verify_plan
 from otad.trust.keys import load_public_key
 
+# The rollout daemons' tests run once, in make check's first pass (current PyPI), and not again
+# on the bookworm pins: they exercise otad's rollout logic through the same HTTP and crypto calls
+# that the other daemon tests, which do run there, already cover (CI time).
+pytestmark = pytest.mark.slow
+
 CORPUS = Path(__file__).parent / "corpus"
 ADMIN_CASES = json.loads((CORPUS / "admin-cases.json").read_text())
 OPERATOR_TOKEN = "operator-token-0123456789"

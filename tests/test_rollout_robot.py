@@ -27,6 +27,11 @@ from otad.rollout.plan import plan_from_doc
 from otad.rollout.signed import sign_plan
 from otad.trust.keys import load_private_key
 
+# The rollout daemons' tests run once, in make check's first pass (current PyPI), and not again
+# on the bookworm pins: they exercise otad's rollout logic through the same HTTP and crypto calls
+# that the other daemon tests, which do run there, already cover (CI time).
+pytestmark = pytest.mark.slow
+
 CORPUS = Path(__file__).parent / "corpus"
 ROLLOUT_CASES = json.loads((CORPUS / "rollout-cases.json").read_text())
 ROBOT = "r1"
