@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -49,7 +51,7 @@ class Browser:
 
         self.proc = subprocess.Popen([CHROMIUM, *FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self._profile.name}",
                                       "about:blank"], preexec_fn=wire, close_fds=False, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         os.close(to_child)
         os.close(from_child)
         self._buffer = b""
@@ -82,11 +84,28 @@ class Browser:
         return result["result"].get("value")
 
     def close(self) -> None:
-        self.proc.kill()
+        # Chromium's helpers (zygote, renderer, crash handler) outlive a killed browser process and
+        # still write into the profile: kill the whole group and wait until none of it runs before
+        # the profile is removed (removing it earlier failed with "Directory not empty").
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        wait_until(lambda: not _group_members(self.proc.pid), 20, "chromium's helper processes to end")
         os.close(self._send)
         os.close(self._receive)
         self._profile.cleanup()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
 
 
 @pytest.fixture
