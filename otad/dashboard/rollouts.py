@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import threading
-import time
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,6 +29,7 @@ from otad.rollout import progress
 from otad.rollout.plan import _ID as ROLLOUT_ID, Plan, PlanError, plan_from_doc, parse_plan, revise
 from otad.rollout.signed import sign_plan
 from otad.telemetry.tokens import TokenTable
+from otad.trust.manifest import utc_timestamp
 
 log = logging.getLogger("otad.dashboard")
 
@@ -108,7 +108,7 @@ class RolloutDesk:
             # The halt criteria start afresh: an automatic halt's evidence only grows, so without
             # this a resume would trip again on the very failures the operator has looked at.
             # Whole seconds, rounded up: an event stamped in the second of the resume came before it.
-            return {"state": "active", "reason": doc.get("reason") or "", "halt_since": _rfc3339(math.ceil(now))}
+            return {"state": "active", "reason": doc.get("reason") or "", "halt_since": utc_timestamp(math.ceil(now))}
         if action == "abort":
             return {"state": "aborted", "reason": reason}
         phase = doc["phase"] if "phase" in doc else _next_gate(plan)
@@ -290,7 +290,3 @@ def _next_gate(plan: Plan) -> int:
             return n
     raise RolloutError(f"no phase of rollout {plan.rollout_id} waits for an approval "
                        f"(approved_phase {plan.approved_phase})", 409)
-
-
-def _rfc3339(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
