@@ -85,3 +85,15 @@ def test_a_revision_readers_would_refuse_cannot_be_made():
         revise(plan, state="paused", reason="two\nlines")
     with pytest.raises(PlanError, match="sets the revision itself"):
         revise(plan, revision=1)
+
+
+def test_site_orchestration_fields_round_trip_and_are_absent_unless_set():
+    """A plan may set the site's budget, its maintenance windows and force_after_s (issue 16);
+    a plan without them renders exactly as before, so plans signed before the fields still verify."""
+    plain = make_plan()
+    assert (plain.site_max_concurrent, plain.windows, plain.force_after_s) == ("", "", None)
+    assert b"site_max_concurrent" not in render_plan(plain) and b"windows" not in render_plan(plain)
+    doc = {**plan_doc(), "site_max_concurrent": "25%", "windows": "Mon-Fri 22:00-05:00", "force_after_s": 3600}
+    plan = parse_plan(render_plan(plan_from_doc(doc)))
+    assert (plan.site_max_concurrent, plan.windows, plan.force_after_s) == ("25%", "Mon-Fri 22:00-05:00", 3600)
+    assert revise(plan, state="paused").windows == "Mon-Fri 22:00-05:00"

@@ -18,6 +18,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from otad.errors import MalformedMetadata
+from otad.orchestration import OrchestrationError
+from otad.orchestration.budget import parse_limit
+from otad.orchestration.windows import parse_windows
 from otad.semver import Version
 from otad.strictjson import check_depth, loads_strict
 from otad.trust.manifest import timestamp_epoch
@@ -81,6 +84,10 @@ class Plan:
     from_versions: tuple[str, ...] = ()  # empty: any robot is targeted
     reason: str = ""  # why the state is what it is (a halt's reason)
     halt_since: str = ""  # RFC 3339 UTC; halt criteria judge only outcomes from then on ("": all)
+    # Site orchestration (issue 16): what the plan's author sets for every site; "" / None: the gateway's own.
+    site_max_concurrent: str = ""  # replaces the gateway's SITE_MAX_CONCURRENT for this rollout
+    windows: str = ""  # replaces the gateway's MAINTENANCE_WINDOWS (in each site's SITE_TIMEZONE)
+    force_after_s: int | None = None  # a robot deferred by READY_CMD this long installs anyway
 
     @property
     def expires_epoch(self) -> float:
@@ -127,6 +134,9 @@ def plan_from_doc(doc: Any) -> Plan:
         from_versions=_from_versions(fields),
         reason=fields.reason(),
         halt_since=fields.matching("halt_since", _RFC3339_UTC, ""),
+        site_max_concurrent=_orchestration(fields, "site_max_concurrent", lambda text: parse_limit(text, "value")),
+        windows=_orchestration(fields, "windows", parse_windows),
+        force_after_s=fields.integer("force_after_s", 0, MAX_SECONDS, None),
     )
     fields.done()
     for name in ("expires", "halt_since"):
@@ -150,6 +160,10 @@ def render_plan(plan: Plan) -> bytes:
     }
     if plan.halt_since:  # absent unless a resume set it: plans signed before the field stay canonical
         doc["halt_since"] = plan.halt_since
+    # Absent unless set, for the same reason.
+    for name in ("site_max_concurrent", "windows", "force_after_s"):
+        if getattr(plan, name) not in ("", None):
+            doc[name] = getattr(plan, name)
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
@@ -308,6 +322,17 @@ class _Fields:
         unknown = set(self.doc) - self.read
         if unknown:
             raise PlanError(f"{self.where} has an unknown field {sorted(unknown)[0][:40]!r}")
+
+
+def _orchestration(fields: _Fields, key: str, parse: Any) -> str:
+    """A site-orchestration text field, checked with the gateway's own parser (otad/orchestration)."""
+    value = fields.take(key, str, "")
+    if key in fields.doc:
+        try:
+            parse(value)
+        except OrchestrationError as exc:
+            raise PlanError(f"plan field '{key}': {exc}") from None
+    return value
 
 
 def _version(text: str, field: str) -> str:
