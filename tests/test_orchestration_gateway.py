@@ -21,6 +21,10 @@ import requests
 from fleet import robot_token, write_tokens
 from harness import wait_until
 from notify import NotifySocket
+from otad.gateway.leasewire import LeaseRequest
+from otad.gateway.orchestrator import OrchestrationSettings, Orchestrator
+from otad.orchestration.budget import parse_groups, parse_limit
+from otad.orchestration.windows import parse_timezone, parse_windows
 from test_rollout_gateway import rollsite, take_first_plan  # noqa: F401 (rollsite is a fixture)
 
 ROBOTS = ["r1", "r2", "r3", "r4", "r5"]
@@ -262,3 +266,45 @@ def test_every_lease_request_corpus_file_has_a_row_and_every_row_a_file():
     files = {p.relative_to(CORPUS).as_posix() for p in (CORPUS / "lease-request").iterdir()}
     assert files == {case["file"] for case in CASES}
     assert len({case["id"] for case in CASES}) == len(CASES)
+
+
+def test_a_deferred_robot_leaves_the_queue_and_is_logged_once_per_reason(leases):
+    leases.start(SITE_MAX_CONCURRENT=1)
+    assert leases.request("r1")["state"] == "granted"
+    assert leases.request("r2")["ahead"] == 0 and leases.request("r3")["ahead"] == 1
+    for _ in range(3):
+        deferred = leases.lease("r2", "defer", reason="deferred by READY_CMD: retry-after=600", too_long=False)
+        assert deferred["state"] == "deferred" and deferred["reason"] == "deferred by READY_CMD: retry-after=600"
+    assert leases.request("r3")["ahead"] == 0  # r2 is no longer in line
+    log = leases.gw.wait_for_count("lease: r2 deferred: deferred by READY_CMD: retry-after=600")
+    assert log.count("lease: r2 deferred") == 1
+    assert leases.request("r2")["ahead"] == 1  # ready again: at the back
+
+
+def test_the_site_view_snapshot_has_exactly_the_contracts_fields(tmp_path):
+    """The snapshot reaches the dashboard from the gateway's sync thread (another change), not
+    over an edge route, so this drives the real Orchestrator the gateway runs, in process."""
+    at = calendar.timegm((2026, 12, 2, 21, 30, 0))  # Wednesday 22:30 in Berlin: inside the window
+    settings = OrchestrationSettings("gw", parse_limit("2"), parse_groups(""), parse_windows("Mon-Fri 22:00-05:00"),
+                                     parse_timezone("Europe/Berlin"), 300, 5, 600)
+    orch = Orchestrator(tmp_path, settings, lambda: [], at)
+    orch.site_robots = 5
+    ask = lambda robot, op, when, **fields: orch.handle(robot, LeaseRequest(op, **fields), when)  # noqa: E731
+    for n, took in enumerate((30, 50, 40)):  # three committed installs: the estimate is their median
+        lease = ask("r1", "request", at, version="1.9.0")["lease"]
+        assert ask("r1", "release", at + took, lease=lease, outcome="committed")["state"] == "released"
+    assert [ask(r, "request", at + 60, version="2.0.0")["state"] for r in ("r1", "r2", "r3")] == ["granted", "granted", "waiting"]
+    ask("r4", "defer", at + 61, reason="inhibited by /run/app/busy", too_long=True)
+    assert orch.snapshot(at + 62) == {
+        "site": "gw", "at": at + 62, "timezone": "Europe/Berlin",
+        "budget": {"limit": "2", "source": "SITE_MAX_CONCURRENT", "slots": 2, "in_use": 2},
+        "window": {"spec": "Mon-Fri 22:00-05:00", "open": True, "reason": "open until Thu 05:00"},
+        "updating": [{"robot": "r1", "lease": 4, "version": "2.0.0", "since": at + 60, "expires_at": at + 360},
+                     {"robot": "r2", "lease": 5, "version": "2.0.0", "since": at + 60, "expires_at": at + 360}],
+        "waiting": [{"robot": "r3", "ahead": 0, "version": "2.0.0", "since": at + 60,
+                     "reason": "site budget full: 2 of 2 leases in use (SITE_MAX_CONCURRENT 2)"}],
+        "deferred": [{"robot": "r4", "since": at + 61, "reason": "inhibited by /run/app/busy", "too_long": True}],
+        "install_estimate_s": 40.0,
+    }
+    assert orch.status(at + 62) == "leases 2/2 in use, 1 waiting, 1 deferred"
+    assert orch.status(at + 7 * 3600) == "leases 2/2 in use, 1 waiting, 1 deferred, window closed until 22:00"
