@@ -121,9 +121,10 @@ class Orchestrator:
         for robot, waiter in list(table.queue.items()):
             table.queue[robot] = replace(waiter, seen=max(waiter.seen, now))
         if table.leases or table.queue:
-            log.info("lease: kept %d lease(s) (%s) and %d waiter(s) from %s; held leases run until at least %.0f",
-                     len(table.leases), ", ".join(f"{r} {l.lease_id}" for r, l in sorted(table.leases.items())) or "none",
-                     len(table.queue), self.files.leases_path, now + self.settings.ttl_s)
+            log.info("lease: kept %d lease(s) (%s) and %d waiter(s) from %s; held leases run at least one more "
+                     "TTL (their robots could not renew while the gateway was down)", len(table.leases),
+                     ", ".join(f"{r} {l.lease_id}" for r, l in sorted(table.leases.items())) or "none",
+                     len(table.queue), self.files.leases_path)
             self._dirty = True
 
     def configure(self, settings: OrchestrationSettings) -> None:
@@ -204,6 +205,22 @@ class Orchestrator:
             return may_grant(robot, held, budget, self.site_robots, down)
 
         return decide
+
+    def sweep(self, now: float) -> None:
+        """Between requests (the daemon's tick): end expired leases and stale waiters, so the expiry
+        is logged and STATUS= and the site view are right even when no robot asks; a slot freed
+        goes to the next waiter, who learns it at its next ask."""
+        with self.lock:
+            table = self.table
+            due = any(now >= l.expires_at for l in table.leases.values()) or any(
+                now - w.seen >= self.settings.waiting_ttl_s for w in table.queue.values())
+            if not due:  # (a table that failed to save is saved by the next request, not retried here each second)
+                return
+            before = self._shape()
+            lines = [(logging.INFO, f"lease: {line}") for line in table.expire(now, self.settings.waiting_ttl_s)]
+            lines += self._journal(table.grant(now, self.settings.ttl_s, self._decider(now)))
+            self._forget_versions()
+            self._persist(before, lines)
 
     # -- POST /lease ----------------------------------------------------------------
     def handle(self, robot: str, request: LeaseRequest, now: float) -> dict:
