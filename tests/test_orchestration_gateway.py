@@ -114,6 +114,22 @@ def skew_to(instant: str) -> dict:
     return {"OTAD_TEST_CLOCK_SKEW": str(calendar.timegm(time.strptime(instant, "%Y-%m-%dT%H:%M:%SZ")) - time.time())}
 
 
+def test_with_one_slot_every_robot_gets_its_turn_in_arrival_order(leases):
+    leases.start(SITE_MAX_CONCURRENT=1)
+    arrival = ["r3", "r1", "r5", "r2", "r4"]
+    for robot in arrival:
+        leases.request(robot)
+    served = []
+    for _ in arrival:
+        answers = {robot: leases.request(robot) for robot in arrival if robot not in served}
+        granted = [robot for robot, answer in answers.items() if answer["state"] == "granted"]
+        assert len(granted) == 1, answers  # never two at once
+        assert sorted(a["ahead"] for a in answers.values() if a["state"] == "waiting") == list(range(len(answers) - 1))
+        served.append(granted[0])
+        assert leases.release(granted[0], answers[granted[0]]["lease"])["state"] == "released"
+    assert served == arrival
+
+
 def test_status_shows_leases_in_use_the_budget_and_the_queue(leases, tmp_path):
     notify = NotifySocket(tmp_path / "notify.sock")
     try:

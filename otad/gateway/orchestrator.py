@@ -291,9 +291,13 @@ class Orchestrator:
         return lines
 
     def _forget_versions(self) -> None:
+        """Robots that neither hold a lease nor wait: no version to remember, no reason told (one
+        that comes back is logged afresh)."""
         kept = set(self.table.leases) | set(self.table.queue)
         for robot in [r for r in self.installs.versions if r not in kept]:
             del self.installs.versions[robot]
+        for robot in [r for r in self.said if r not in self.table.queue]:
+            del self.said[robot]
 
     def _shape(self) -> tuple:
         """What must be on disk before an answer: leases, queue membership and order, counters,
