@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from otad.gateway.leasefiles import Installs, LeaseFiles, OrchestrationFileError
 from otad.gateway.leasewire import LeaseRequest
@@ -53,7 +54,7 @@ class OrchestrationSettings:
     limit: Limit | None  # SITE_MAX_CONCURRENT; None: no limit
     groups: Groups
     windows: Schedule | None  # MAINTENANCE_WINDOWS; None: always open
-    timezone: object  # ZoneInfo of SITE_TIMEZONE
+    timezone: ZoneInfo  # SITE_TIMEZONE
     ttl_s: int
     retry_s: int
     estimate_s: int
