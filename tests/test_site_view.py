@@ -19,7 +19,9 @@ import pytest
 import requests
 
 from fleet import GATEWAY_TOKEN, metric
+from harness import wait_until
 from otad.dashboard.site_view import STALE_AFTER_S, render_site_views, site_views
+from test_orchestration_gateway import LeaseSite
 from test_rollout_dashboard import API, SITE_B_TOKEN, api, built, desk, forward, open_desk, plan_fields  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow  # a daemon test, like the other rollout daemons' tests (test_rollout_dashboard.py)
@@ -161,3 +163,71 @@ def test_hostile_snapshots_are_refused_with_a_one_line_error_and_change_nothing(
 
 def test_every_site_view_case_has_a_file_and_every_file_a_case():
     assert {c["file"] for c in CASES} == {f"site-view/{p.name}" for p in (CORPUS / "site-view").iterdir()}
+
+
+# -- end to end: a real gateway's orchestrator, its sender, the dashboard ----------------------
+
+
+def view_of(desk, site: str = "gw", **expect):
+    """Wait until the dashboard shows `site`'s view with these robots per list; the view."""
+    def shown():
+        view = status_views(desk).get(site)
+        if view is None:
+            return None
+        lists = {name: [e["robot"] for e in view[name]] for name in expect}
+        return view if lists == expect else None
+    return wait_until(shown, 30, f"the dashboard to show {site} with {expect}")
+
+
+def test_status_shows_whom_a_real_gateway_lets_update_and_who_waits_with_the_gateways_reason(desk, tmp_path):
+    """SITE_MAX_CONCURRENT=1, two robots asking POST /lease: /status shows r1 updating and r2
+    waiting with the very reason the gateway answered r2; a release moves the view on."""
+    leases = LeaseSite(desk, tmp_path / "robots", ["r1", "r2"])
+    gw = leases.start(SITE_MAX_CONCURRENT=1, TOKEN_FILE=leases.tokens["gateway_own"])
+    gw.wait_for_log(r"verified app 2\.0\.0")
+    first, second = leases.request("r1"), leases.request("r2")
+    assert first["state"] == "granted" and second["state"] == "waiting"
+    view = view_of(desk, updating=["r1"], waiting=["r2"], deferred=[])
+    assert view["budget"]["in_use"] == 1 and view["budget"]["slots"] == 1
+    assert view["budget"]["source"] == "SITE_MAX_CONCURRENT" and view["window"]["open"]
+    assert view["updating"][0]["lease"] == first["lease"] and view["updating"][0]["version"] == "2.0.0"
+    assert view["waiting"][0]["reason"] == second["reason"] and view["waiting"][0]["ahead"] == 0
+    html = requests.get(f"{desk.dashboard.url}/status", timeout=10).text
+    assert 'data-robot="r1"' in html and f"lease {first['lease']}" in html
+    assert f'data-robot="r2"' in html and second["reason"] in html and "0 ahead" in html
+    leases.release("r1", first["lease"])
+    assert leases.request("r2")["state"] == "granted"
+    view_of(desk, updating=["r2"], waiting=[], deferred=[])
+    assert "site view" not in gw.log()  # nothing went wrong, so nothing was logged
+
+
+def test_the_gateway_sends_nothing_while_the_dashboard_is_away_and_logs_a_refusal_once(desk, tmp_path):
+    """The dashboard down: leases go on at the site, the sender stays quiet; back up, the view
+    follows. A token the dashboard does not know: one log line over many polls, and the
+    release sync goes on (the gateway still verifies and serves)."""
+    leases = LeaseSite(desk, tmp_path / "robots", ["r1", "r2"])
+    gw = leases.start(SITE_MAX_CONCURRENT=1, TOKEN_FILE=leases.tokens["gateway_own"])
+    gw.wait_for_log(r"verified app 2\.0\.0")
+    view_of(desk, updating=[], waiting=[], deferred=[])
+    desk.dashboard.kill9()
+    gw.wait_for_log(r"sync failed")
+    assert leases.request("r1")["state"] == "granted" and leases.request("r2")["state"] == "waiting"
+    desk.dashboard.start()
+    view_of(desk, updating=["r1"], waiting=["r2"], deferred=[])
+    assert "site view" not in gw.log()
+    # Now with a token the dashboard does not take: refused, logged once, the sync goes on.
+    token = leases.tokens["gateway_own"]
+    good = token.read_text()
+    token.write_text("not-a-known-token-0123456789\n")
+    gw.signal(1)  # SIGHUP: token files are read again
+    gw.wait_for_log(r"site view: the dashboard refused it \(HTTP 401")
+    leases.release("r1", leases.request("r1")["lease"])  # changes, sent (and refused) again
+    assert leases.request("r2")["state"] == "granted"
+    desk.release("3.0.0", size=1024)
+    gw.wait_for_log(r"verified app 3\.0\.0")
+    token.write_text(good)
+    gw.signal(1)
+    view_of(desk, updating=["r2"], waiting=[], deferred=[])
+    log = gw.log()
+    assert log.count("site view: the dashboard refused it") == 1 and log.count("site view: sent to the dashboard") == 1
+    assert gw.running()
