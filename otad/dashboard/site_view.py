@@ -96,11 +96,11 @@ def _site_card(view: dict) -> str:
              else f' <span class="muted as-of">{escape(as_of)}</span>')
     updating = _rows(view["updating"], lambda e: (
         f'<tr class="updating" data-robot="{escape(e["robot"])}"><td class="id">{escape(e["robot"])}</td>'
-        f'<td class="version">{escape(e["version"])}</td><td>lease {e["lease"]}</td>'
+        f'<td class="version">{escape(e["version"] or "-")}</td><td>lease {e["lease"]}</td>'
         f'<td class="since">since {_clock(e["since"])} UTC ({_for(at - e["since"])})</td></tr>'), "no robot is updating", 4)
     waiting = _rows(view["waiting"], lambda e: (
         f'<tr class="waiting" data-robot="{escape(e["robot"])}"><td class="id">{escape(e["robot"])}</td>'
-        f'<td class="version">{escape(e["version"])}</td><td class="ahead">{e["ahead"]} ahead</td>'
+        f'<td class="version">{escape(e["version"] or "-")}</td><td class="ahead">{e["ahead"]} ahead</td>'
         f'<td class="reason">{escape(e["reason"])}</td></tr>'), "no robot waits for a lease", 4)
     deferred = _rows(view["deferred"], lambda e: (
         f'<tr class="deferred{" bad" if e["too_long"] else ""}" data-robot="{escape(e["robot"])}">'

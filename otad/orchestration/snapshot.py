@@ -9,7 +9,7 @@ To the dashboard the body is untrusted input from the network: `parse_snapshot`
 reads it strictly and bounded (at most MAX_SNAPSHOT_BYTES, nesting at most
 MAX_DEPTH, no duplicate key, no NaN, every field required and no other, ids,
 versions and times checked, each reason one printable ASCII line of at most
-MAX_REASON characters, no robot listed twice) and returns the cleaned document,
+MAX_REASON characters, no robot with two leases or places or deferrals) and returns the cleaned document,
 or raises SnapshotError with one line and the HTTP status to answer. Pure: bytes
 in, a dict out. Schema: docs/formats.md, "Site orchestration snapshot".
 """
@@ -75,17 +75,20 @@ def parse_snapshot(data: bytes, gateway: str) -> dict:
         raise SnapshotError("snapshot field 'install_estimate_s' must be seconds between 0 and 10000000")
     clean = {"site": site, "at": _time(doc["at"], "snapshot field 'at'"), "timezone": zone,
              "budget": _budget(doc["budget"]), "window": _window(doc["window"]), "install_estimate_s": estimate}
-    seen: dict[str, str] = {}
     for name, keys in ENTRIES.items():
         entries = doc[name]
         if not isinstance(entries, list) or len(entries) > MAX_ROBOTS:
             raise SnapshotError(f"snapshot field {name!r} must be a list of at most {MAX_ROBOTS} robots")
         clean[name] = [_entry(entry, keys, f"snapshot {name}[{n}]") for n, entry in enumerate(entries)]
-        for entry in clean[name]:
-            robot = entry["robot"]
-            if robot in seen:  # one lease or one place in the queue or one deferral, as the lease table holds them
-                raise SnapshotError(f"snapshot lists robot {robot!r} twice ({seen[robot]} and {name})")
-            seen[robot] = name
+    # One lease or one place in the queue per robot, as the lease table holds them; one deferral each.
+    # A lease holder may also have deferred (it said "not ready" before giving its lease back).
+    for names in (("updating", "waiting"), ("deferred",)):
+        seen: dict[str, str] = {}
+        for name in names:
+            for entry in clean[name]:
+                if entry["robot"] in seen:
+                    raise SnapshotError(f"snapshot lists robot {entry['robot']!r} twice ({seen[entry['robot']]} and {name})")
+                seen[entry["robot"]] = name
     return clean
 
 
@@ -125,11 +128,12 @@ def _entry(doc: Any, keys: tuple[str, ...], where: str) -> dict:
     clean: dict[str, Any] = {"robot": robot}
     for key in keys[1:]:
         value, what = doc[key], f"{where} field {key!r}"
-        if key == "version":
+        if key == "version":  # "" when the gateway does not know it (e.g. a lease restored after a restart)
             try:
-                Version(value)
+                if value != "":
+                    Version(value)
             except MalformedMetadata:
-                raise SnapshotError(f"{what} {_show(value)} is not a release version") from None
+                raise SnapshotError(f"{what} {_show(value)} is not a release version or empty") from None
         elif key in ("since", "expires_at"):
             value = _time(value, what)
         elif key == "lease":
