@@ -168,6 +168,12 @@ def test_every_site_view_case_has_a_file_and_every_file_a_case():
 # -- end to end: a real gateway's orchestrator, its sender, the dashboard ----------------------
 
 
+def lease_site(desk, tmp_path: Path) -> LeaseSite:
+    """Robots r1 and r2 with their tokens, asking a gateway of `desk` for leases (its own token file too)."""
+    (tmp_path / "robots").mkdir()
+    return LeaseSite(desk, tmp_path / "robots", ["r1", "r2"])
+
+
 def view_of(desk, site: str = "gw", **expect):
     """Wait until the dashboard shows `site`'s view with these robots per list; the view."""
     def shown():
@@ -181,8 +187,8 @@ def view_of(desk, site: str = "gw", **expect):
 
 def test_status_shows_whom_a_real_gateway_lets_update_and_who_waits_with_the_gateways_reason(desk, tmp_path):
     """SITE_MAX_CONCURRENT=1, two robots asking POST /lease: /status shows r1 updating and r2
-    waiting with the very reason the gateway answered r2; a release moves the view on."""
-    leases = LeaseSite(desk, tmp_path / "robots", ["r1", "r2"])
+    waiting with the reason the gateway answered r2; a release moves the view on."""
+    leases = lease_site(desk, tmp_path)
     gw = leases.start(SITE_MAX_CONCURRENT=1, TOKEN_FILE=leases.tokens["gateway_own"])
     gw.wait_for_log(r"verified app 2\.0\.0")
     first, second = leases.request("r1"), leases.request("r2")
@@ -191,10 +197,12 @@ def test_status_shows_whom_a_real_gateway_lets_update_and_who_waits_with_the_gat
     assert view["budget"]["in_use"] == 1 and view["budget"]["slots"] == 1
     assert view["budget"]["source"] == "SITE_MAX_CONCURRENT" and view["window"]["open"]
     assert view["updating"][0]["lease"] == first["lease"] and view["updating"][0]["version"] == "2.0.0"
-    assert view["waiting"][0]["reason"] == second["reason"] and view["waiting"][0]["ahead"] == 0
+    why = view["waiting"][0]["reason"]  # the gateway's reason, as it told r2 (which also names r2 and its place)
+    assert why == "site budget full: 1 of 1 leases in use (SITE_MAX_CONCURRENT 1)" and why in second["reason"]
+    assert view["waiting"][0]["ahead"] == 0
     html = requests.get(f"{desk.dashboard.url}/status", timeout=10).text
     assert 'data-robot="r1"' in html and f"lease {first['lease']}" in html
-    assert f'data-robot="r2"' in html and second["reason"] in html and "0 ahead" in html
+    assert 'data-robot="r2"' in html and why in html and "0 ahead" in html
     leases.release("r1", first["lease"])
     assert leases.request("r2")["state"] == "granted"
     view_of(desk, updating=["r2"], waiting=[], deferred=[])
@@ -205,7 +213,7 @@ def test_the_gateway_sends_nothing_while_the_dashboard_is_away_and_logs_a_refusa
     """The dashboard down: leases go on at the site, the sender stays quiet; back up, the view
     follows. A token the dashboard does not know: one log line over many polls, and the
     release sync goes on (the gateway still verifies and serves)."""
-    leases = LeaseSite(desk, tmp_path / "robots", ["r1", "r2"])
+    leases = lease_site(desk, tmp_path)
     gw = leases.start(SITE_MAX_CONCURRENT=1, TOKEN_FILE=leases.tokens["gateway_own"])
     gw.wait_for_log(r"verified app 2\.0\.0")
     view_of(desk, updating=[], waiting=[], deferred=[])

@@ -28,7 +28,7 @@ SITE_VIEW_EVERY_S = 60.0
 class SiteViewSender:
     def __init__(self, snapshot: Callable[[float], dict]) -> None:
         self.snapshot = snapshot
-        self._last: tuple[str, float] | None = None  # (digest without `at`, monotonic time) of the last attempt
+        self._last: tuple[str, float] | None = None  # (digest without `at`, and of the token; monotonic time) of the last attempt
         self._problem: str | None = None
 
     def send(self, client: HttpClient, token: str | None, now: float) -> None:
@@ -40,6 +40,7 @@ class SiteViewSender:
         except Exception as exc:  # a fault in the snapshot must not stop the release sync
             self._report(f"cannot take the site's snapshot: {type(exc).__name__}: {exc}")
             return
+        digest += f"/{hashlib.sha256((token or '').encode()).hexdigest()}"  # a new token (SIGHUP) is worth a try at once
         if self._last is not None and self._last[0] == digest and time.monotonic() - self._last[1] < SITE_VIEW_EVERY_S:
             return
         self._last = (digest, time.monotonic())
