@@ -4,7 +4,8 @@
 draws exactly it, so the page never shows what the JSON does not carry.
 Server-rendered, inline SVG (otad.dashboard.charts), no external assets,
 refreshing itself every 10 s. Everything from robots and gateways is
-untrusted text and is escaped where it meets the markup.
+untrusted text and is escaped where it meets the markup. The site view's cards
+(issue 16) are drawn by site_view.py from the document's `site_orchestration`.
 
 Derived states (docs/operations.md, "The status page"):
 - a robot is *silent* when nothing from it arrived for STALE_AFTER seconds;
