@@ -14,8 +14,12 @@ properties are on the real modules:
 - a POST /lease body (Wire 5, otad/gateway/leasewire.py, what the gateway's edge
   calls) parses or raises LeaseRequestError with one short line; a request that
   parses says the same when written back as JSON.
+- a site-orchestration snapshot (what the dashboard's POST /sites/orchestration
+  reads) parses or raises SnapshotError with a one-line reason and a 4xx status;
+  one that parses renders back to itself, lists each robot once, holds only
+  one-line printable text, and draws as the site view without an error.
 Findings go to tests/corpus/fuzz/ as `window-<what>` (spec, zone, epoch on three
-lines), `leases-<what>` or `leasereq-<what>` (the bytes), replayed by
+lines), `leases-<what>`, `leasereq-<what>` or `snapshot-<what>` (the bytes), replayed by
 test_fuzz_parsers.py::test_fuzz_findings_stay_fixed with the checks below.
 """
 from __future__ import annotations
@@ -28,9 +32,12 @@ from otad.gateway.leasewire import MAX_BODY_BYTES, OPS, LeaseRequestError, parse
 
 from otad.orchestration.budget import BudgetError, Budget, may_grant, parse_groups, parse_limit
 from otad.orchestration.leases import LeaseTableError, parse_table
+from otad.orchestration.snapshot import SnapshotError, parse_snapshot, render_snapshot
+from otad.dashboard.site_view import render_site_views, site_views
 from otad.orchestration.windows import WindowError, closes_at, fits, is_open, next_open, parse_windows
-from test_fuzz_parsers import documents, run_fuzz
+from test_fuzz_parsers import documents, json_values, mutated, run_fuzz
 from test_orchestration_leases import VALID_TABLE
+from test_site_view import VALID_SNAPSHOT
 
 ZONES = ("Europe/Berlin", "Australia/Lord_Howe", "Asia/Kolkata", "America/Santiago", "UTC", "Pacific/Chatham")
 EPOCHS = st.integers(1_767_225_600, 1_798_761_600)  # 2026 and 2027
@@ -138,3 +145,31 @@ def test_fuzz_lease_request():
     for valid in VALID_REQUESTS[1:]:
         strategy = strategy | documents(valid)
     run_fuzz(strategy, check_lease_request)
+
+
+def check_snapshot(data: bytes) -> None:
+    try:
+        clean = parse_snapshot(data, "gw")
+    except SnapshotError as exc:
+        assert "\n" not in str(exc) and exc.status in (400, 403, 413)
+        return
+    assert parse_snapshot(render_snapshot(clean), "gw") == clean
+    robots = [e["robot"] for name in ("updating", "waiting", "deferred") for e in clean[name]]
+    assert len(robots) == len(set(robots))
+    texts = [clean["window"]["reason"], clean["window"]["spec"], clean["timezone"],
+             *(e.get("reason", "") for name in ("waiting", "deferred") for e in clean[name])]
+    assert all(t.isascii() and t.isprintable() for t in texts)
+    row = {"gateway_id": "gw", "at": clean["at"], "received": clean["at"], "body": render_snapshot(clean).decode()}
+    assert 'data-site="gw"' in render_site_views(site_views([row], clean["at"] + 1))
+
+
+def _with_entry(name: str) -> st.SearchStrategy[bytes]:
+    """VALID_SNAPSHOT with one entry of `name` (or the budget, the window) mutated field by field."""
+    inner = VALID_SNAPSHOT[name][0] if isinstance(VALID_SNAPSHOT[name], list) else VALID_SNAPSHOT[name]
+    wrap = (lambda e: [e, *VALID_SNAPSHOT[name][1:]]) if isinstance(VALID_SNAPSHOT[name], list) else (lambda e: e)
+    return (mutated(inner) | json_values).map(lambda e: json.dumps({**VALID_SNAPSHOT, name: wrap(e)}).encode())
+
+
+def test_fuzz_snapshot():
+    nested = st.sampled_from(["updating", "waiting", "deferred", "budget", "window"]).flatmap(_with_entry)
+    run_fuzz(documents(VALID_SNAPSHOT) | nested, check_snapshot)

@@ -403,7 +403,8 @@ def _orchestration(name: str):
 
 
 PARSERS.update(window=_orchestration("check_window_file"), leases=_orchestration("check_lease_table"),
-               leasereq=_orchestration("check_lease_request"))
+               leasereq=_orchestration("check_lease_request"),
+               snapshot=_orchestration("check_snapshot"))
 
 
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*")), ids=lambda p: p.name)

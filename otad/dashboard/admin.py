@@ -102,14 +102,19 @@ def _operator(operators: TokenTable | None, environ: dict) -> str:
 def read_json(environ: dict, empty: Any = None) -> Any:
     """The request body as JSON: bounded, Content-Length required, duplicate keys refused.
     `empty`: what an empty body means (None: an empty body is refused)."""
-    length = environ.get("CONTENT_LENGTH") or ""
-    if not length.isdigit():
-        if empty is not None and not length:
-            return empty
-        raise RolloutError("Content-Length required", 411)
-    if int(length) > MAX_ADMIN_BODY:
-        raise RolloutError(f"body is larger than {MAX_ADMIN_BODY} bytes", 413)
-    body = environ["wsgi.input"].read(int(length))
+    if empty is not None and not environ.get("CONTENT_LENGTH"):
+        return empty
+    body = read_body(environ)
     if not body and empty is not None:
         return empty
     return loads_strict(body, RolloutError, "body")
+
+
+def read_body(environ: dict, limit: int = MAX_ADMIN_BODY) -> bytes:
+    """The request body's bytes: Content-Length required (411), at most `limit` (413, before reading)."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if not length.isdigit():
+        raise RolloutError("Content-Length required", 411)
+    if int(length) > limit:
+        raise RolloutError(f"body is larger than {limit} bytes", 413)
+    return environ["wsgi.input"].read(int(length))

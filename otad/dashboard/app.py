@@ -16,14 +16,16 @@ from typing import Any, BinaryIO
 
 from otad import __version__
 from otad.dashboard import admin
-from otad.dashboard.admin import is_rollout_route
+from otad.dashboard.admin import is_rollout_route, read_body
 from otad.dashboard.ingest import MAX_WIRE_BYTES, IngestError, authenticate, decode_body, parse_forwarded
 from otad.dashboard.ota import OtaFolder, Published
+from otad.dashboard.site_view import SITE_VIEW_PATH, receive, site_views
 from otad.dashboard.status import fleet_status, render_status
-from otad.dashboard.rollouts import RolloutDesk
+from otad.dashboard.rollouts import RolloutDesk, RolloutError
 from otad.dashboard.store import TelemetryStore
 from otad.telemetry.tokens import TokenTable
 from otad.errors import MalformedMetadata
+from otad.orchestration.snapshot import MAX_SNAPSHOT_BYTES, SnapshotError
 from otad.semver import Version
 from otad.transfer.files import open_inside, safe_file_name
 from otad.transfer.http import Plan, Validators, plan_response, stat_etag
@@ -109,8 +111,13 @@ class DashboardApp:
             if method != "POST":
                 return _json(start_response, 405, {"error": "use POST"}, method, [("Allow", "POST")])
             return self._metrics(environ, start_response)
+        if path == SITE_VIEW_PATH:
+            if method != "POST":
+                return _json(start_response, 405, {"error": "use POST"}, method, [("Allow", "POST")])
+            return self._site_view(environ, start_response)
         if path in ("/status", "/status.json") and method in ("GET", "HEAD"):
             document = fleet_status(self.telemetry.store, time.time())
+            document["site_orchestration"] = site_views(self.telemetry.store.site_views(), document["generated"])
             if self.rollouts is not None:
                 document["rollouts"] = self.rollouts.overview(document["generated"], in_progress=True)
             if path == "/status.json":
@@ -153,6 +160,17 @@ class DashboardApp:
             extra = [("WWW-Authenticate", "Bearer")] if exc.status == 401 else []
             return _json(start_response, exc.status, {"error": str(exc), **exc.extra}, "POST", extra)
         return _json(start_response, 200, {"acked": acked}, "POST")
+
+    def _site_view(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """POST /sites/orchestration: a gateway's orchestration snapshot (site_view.py)."""
+        try:
+            gateway = authenticate(self.telemetry.tokens, environ.get("HTTP_AUTHORIZATION"))
+            receive(self.telemetry.store, gateway, read_body(environ, MAX_SNAPSHOT_BYTES))
+        except IngestError as exc:
+            return _json(start_response, exc.status, {"error": str(exc)}, "POST", [("WWW-Authenticate", "Bearer")])
+        except (SnapshotError, RolloutError) as exc:
+            return _json(start_response, exc.status, {"error": str(exc)}, "POST")
+        return _json(start_response, 200, {"ok": True}, "POST")
 
     def _healthz(self, method: str, start_response: StartResponse) -> Iterable[bytes]:
         current = self.ota.current()

@@ -14,6 +14,7 @@ import json
 import time
 from html import escape
 
+from otad.dashboard.site_view import render_site_views
 from otad.dashboard.status import CSS as STATUS_CSS
 
 REFRESH_S = 10
@@ -101,6 +102,7 @@ def render_rollout(doc: dict) -> bytes:
 {"".join(f"<th>{c}</th>" for c in COUNTS)}<th>progress</th><th></th></tr></thead><tbody>{_phase_rows(doc)}</tbody></table></section>
 <section class="card"><h2>Halts</h2><table class="halts"><thead><tr><th>when</th><th>scope</th><th>phase</th><th>sites</th>
 <th>reason</th></tr></thead><tbody>{_halt_rows(doc)}</tbody></table></section>
+{render_site_views(doc.get("site_orchestration", []))}
 <section class="card"><h2>Revisions</h2><table class="revisions"><thead><tr><th>rev</th><th>state</th><th>issued</th><th>by</th>
 <th>reason</th></tr></thead><tbody>{_revision_rows(doc)}</tbody></table></section>"""
     return _page(f'rollout {doc["rollout_id"]}', body, SCRIPT.replace("ROLLOUT_ID", json.dumps(doc["rollout_id"])))

@@ -1,4 +1,4 @@
-"""Rollout plans, their revisions, rollout events and site reports: the store's rollout half.
+"""Rollout plans, their revisions, rollout events, site reports and site views: the store's rollout half.
 
 `RolloutStore` is the interface the dashboard's rollout desk (rollouts.py) needs;
 `SqliteRolloutTables` is its SQLite implementation, mixed into
@@ -50,6 +50,13 @@ CREATE TABLE IF NOT EXISTS rollout_site_reports (
     received REAL NOT NULL,
     PRIMARY KEY (rollout_id, gateway_id)
 );
+-- Site orchestration (issue 16): each site's latest snapshot (otad/orchestration/snapshot.py), replaced on each report.
+CREATE TABLE IF NOT EXISTS site_views (
+    gateway_id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    received REAL NOT NULL,
+    body TEXT NOT NULL
+);
 """
 
 
@@ -100,6 +107,12 @@ class RolloutStore(Protocol):
 
     def site_reports(self, rollout_id: str) -> list[dict]:
         """{"gateway_id", "revision", "body", "received"} per site, ordered by site."""
+
+    def put_site_view(self, gateway_id: str, at: float, body: str) -> None:
+        """Keep a site's latest orchestration snapshot (`at`: the gateway's time of it), replacing the one before."""
+
+    def site_views(self) -> list[dict]:
+        """{"gateway_id", "at", "received", "body"} of every site, ordered by site: one query, for /status."""
 
 
 class SqliteRolloutTables:
@@ -171,6 +184,17 @@ class SqliteRolloutTables:
         return [dict(row) for row in self._db().execute(
             "SELECT gateway_id, revision, body, received FROM rollout_site_reports WHERE rollout_id = ? ORDER BY gateway_id",
             (rollout_id,))]
+
+
+    def put_site_view(self, gateway_id: str, at: float, body: str) -> None:
+        self._db().execute(
+            "INSERT INTO site_views (gateway_id, at, received, body) VALUES (?,?,?,?)"
+            " ON CONFLICT DO UPDATE SET at=excluded.at, received=excluded.received, body=excluded.body",
+            (gateway_id, at, time.time(), body))
+
+    def site_views(self) -> list[dict]:
+        return [dict(row) for row in self._db().execute(
+            "SELECT gateway_id, at, received, body FROM site_views ORDER BY gateway_id")]
 
 
 def _revision(row: sqlite3.Row) -> StoredRevision:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from otad.dashboard.ota import OtaFolder
 from otad.dashboard.rollout_status import FLEET_ACTOR, CohortCache, rollout_status
 from otad.dashboard.rollout_store import RevisionConflict, RolloutStore, StoredRevision
+from otad.dashboard.site_view import site_views
 from otad.errors import OtadError
 from otad.rollout import progress
 from otad.rollout.plan import _ID as ROLLOUT_ID, Plan, PlanError, plan_from_doc, parse_plan, revise
@@ -217,8 +218,12 @@ class RolloutDesk:
         if not revisions:
             raise RolloutError(f"no rollout {rollout_id[:64]!r}", 404)
         plan = parse_plan(revisions[-1].plan)
-        return rollout_status(plan, revisions, self.evidence(plan, now), self.store.robot_versions(),
-                              self.store.site_reports(rollout_id), now, brief, self.cohorts.lookup(plan))
+        doc = rollout_status(plan, revisions, self.evidence(plan, now), self.store.robot_versions(),
+                             self.store.site_reports(rollout_id), now, brief, self.cohorts.lookup(plan))
+        if not brief:  # the site view (issue 16) of the sites this rollout concerns
+            sites = set(doc["phases"][0]["sites"]) if doc["phases"] else set()
+            doc["site_orchestration"] = site_views(self.store.site_views(), now, sites)
+        return doc
 
 
 def parse_site_report(doc: Any, gateway: str) -> dict:

@@ -4,7 +4,8 @@
 draws exactly it, so the page never shows what the JSON does not carry.
 Server-rendered, inline SVG (otad.dashboard.charts), no external assets,
 refreshing itself every 10 s. Everything from robots and gateways is
-untrusted text and is escaped where it meets the markup.
+untrusted text and is escaped where it meets the markup. The site view's cards
+(issue 16) are drawn by site_view.py from the document's `site_orchestration`.
 
 Derived states (docs/operations.md, "The status page"):
 - a robot is *silent* when nothing from it arrived for STALE_AFTER seconds;
@@ -19,6 +20,7 @@ import re
 import time
 from html import escape
 
+from otad.dashboard.site_view import CSS as SITE_VIEW_CSS, render_site_views
 from otad.dashboard.charts import EVENT_STYLE, donut, event_mark, sparkline, version_colors
 from otad.dashboard.store import TelemetryStore
 from otad.errors import OtadError
@@ -329,6 +331,7 @@ def render_status(doc: dict) -> bytes:
 <a href="status.json">status.json</a></p></header><main>
 {_tiles(doc)}
 {_rollouts_card(doc)}
+{render_site_views(doc.get("site_orchestration", []))}
 <div class="row">{_versions_card(doc, colors)}
 <section class="card events"><h2>Update events</h2>{_timeline(doc)}</section></div>
 <h2 class="section">Gateways and their robots</h2>
@@ -372,7 +375,7 @@ tr.state-silent td{color:#98a2b3}tr.bad{background:var(--bad)}tr.bad td{color:#5
 .tick.k-rolled_back,.tick.k-blacklisted{z-index:2}.axis{display:flex;justify-content:space-between;margin-left:8.1rem;color:var(--muted);font-size:.75rem}
 .marks-legend{display:flex;flex-wrap:wrap;gap:.3rem 1rem;color:var(--muted);font-size:.8rem;margin:.6rem 0 0}.mark{vertical-align:-2px}
 .ev{white-space:nowrap;font-weight:600}.muted{color:var(--muted)}
-@media (max-width:760px){
+""" + SITE_VIEW_CSS + """@media (max-width:760px){
  main{padding:.6rem}.row{grid-template-columns:1fr}.tiles{grid-template-columns:repeat(2,1fr);gap:.5rem}.tile .big{font-size:1.35rem}
  table.robots thead,table.event-list thead{display:none}
  table.robots tr,table.event-list tr{display:grid;grid-template-columns:1fr 1fr;gap:.1rem .8rem;padding:.5rem 0;border-bottom:1px solid var(--line)}

@@ -48,7 +48,7 @@ class Gateway(Daemon):
         self.orchestrator = Orchestrator(settings.state_dir, orchestration_settings(settings), self._plans, clock.now())
         self.ingest = Ingest(self.buffer, None, self.rollouts, settings.anonymous_manifest, self.orchestrator)
         self.forwarder = Forwarder(self.buffer, self.forward_beat)
-        self.syncer = Syncer(self.settings, self.cache, self.sync_beat, self.rollouts)
+        self.syncer = Syncer(self.settings, self.cache, self.sync_beat, self.rollouts, snapshot=self.orchestrator.snapshot)
         self._load_tokens(self.settings)
         context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
         limits = ServerLimits(header_timeout=settings.header_timeout)

@@ -18,6 +18,10 @@ With rollouts, each poll that reached the dashboard also fetches the releases a
 current plan needs and the cache lacks (gateway/planned.py), through the same
 verification and download as the newest one; they are cached beside it, never
 made the active release, and never move the floor.
+
+With site orchestration (issue 16), each poll that reached the dashboard also
+sends the site view (gateway/siteview.py: the snapshot callable given to the
+Syncer, when it changed or a minute passed); it never holds the release sync.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from otad.errors import OtadError, TransportError, TrustError
@@ -33,6 +38,7 @@ from otad.gateway.floor import FloorStore
 from otad.gateway.planned import PlannedReleases
 from otad.gateway.rollouts import MAX_PLANS_BYTES, Rollouts
 from otad.gateway.settings import GatewaySettings
+from otad.gateway.siteview import SiteViewSender
 from otad.transfer.backoff import Backoff, ManifestPoll, jittered
 from otad.transfer.client import MANIFEST_PATH, HttpClient, TransferLimits
 from otad.transfer.tls import client_tls
@@ -62,9 +68,12 @@ class SyncState:
 
 
 class Syncer:
-    def __init__(self, settings: GatewaySettings, cache: Cache, heartbeat: Heartbeat, rollouts: Rollouts | None = None) -> None:
+    def __init__(self, settings: GatewaySettings, cache: Cache, heartbeat: Heartbeat, rollouts: Rollouts | None = None,
+                 snapshot: Callable[[float], dict] | None = None) -> None:
+        """`snapshot`: the site orchestrator's snapshot(now) for the site view (None: nothing to send)."""
         self.cache = cache
         self.rollouts = rollouts
+        self.site_view = SiteViewSender(snapshot) if snapshot is not None else None
         self.token: str | None = None  # this gateway's dashboard token (Wire 4), set by main
         self._rollout_error: str | None = None
         self.heartbeat = heartbeat
@@ -115,10 +124,12 @@ class Syncer:
 
     # -- one poll -------------------------------------------------------------------
     def sync_once(self) -> float:
-        """Poll once (the release, then the rollout plans); return seconds until the next poll."""
+        """Poll once (the release, the rollout plans, the site view); return seconds until the next poll."""
         delay, reachable = self._sync_release()
         if self.rollouts is not None and self.rollouts.enabled:
             self._sync_rollouts(reachable)
+        if reachable and self.site_view is not None:
+            self.site_view.send(self.client, self.token, clock.now())
         return delay
 
     def _sync_release(self) -> tuple[float, bool]:
