@@ -11,15 +11,16 @@ properties are on the real modules:
 - lease-table bytes parse or raise LeaseTableError; a table that parses renders
   back to bytes that parse to the same table, with one lease per robot and no
   robot both leased and queued;
+- a site-orchestration snapshot (what the dashboard's POST /sites/orchestration
+  reads) parses or raises SnapshotError with a one-line reason and a 4xx status;
+  one that parses renders back to itself, gives each robot at most one lease or
+  place and one deferral, holds only one-line printable text, and draws as the
+  site view without an error;
 - a POST /lease body (Wire 5, otad/gateway/leasewire.py, what the gateway's edge
   calls) parses or raises LeaseRequestError with one short line; a request that
   parses says the same when written back as JSON.
-- a site-orchestration snapshot (what the dashboard's POST /sites/orchestration
-  reads) parses or raises SnapshotError with a one-line reason and a 4xx status;
-  one that parses renders back to itself, lists each robot once, holds only
-  one-line printable text, and draws as the site view without an error.
 Findings go to tests/corpus/fuzz/ as `window-<what>` (spec, zone, epoch on three
-lines), `leases-<what>`, `leasereq-<what>` or `snapshot-<what>` (the bytes), replayed by
+lines), `leases-<what>`, `snapshot-<what>` or `leasereq-<what>` (the bytes), replayed by
 test_fuzz_parsers.py::test_fuzz_findings_stay_fixed with the checks below.
 """
 from __future__ import annotations
@@ -122,6 +123,35 @@ def check_window_file(data: bytes) -> None:
     check_window((spec, zone, int(now)))
 
 
+def check_snapshot(data: bytes) -> None:
+    try:
+        clean = parse_snapshot(data, "gw")
+    except SnapshotError as exc:
+        assert "\n" not in str(exc) and exc.status in (400, 403, 413)
+        return
+    assert parse_snapshot(render_snapshot(clean), "gw") == clean
+    for names in (("updating", "waiting"), ("deferred",)):  # a lease holder may also have deferred
+        robots = [e["robot"] for name in names for e in clean[name]]
+        assert len(robots) == len(set(robots))
+    texts = [clean["window"]["reason"], clean["window"]["spec"], clean["timezone"],
+             *(e.get("reason", "") for name in ("waiting", "deferred") for e in clean[name])]
+    assert all(t.isascii() and t.isprintable() for t in texts)
+    row = {"gateway_id": "gw", "at": clean["at"], "received": clean["at"], "body": render_snapshot(clean).decode()}
+    assert 'data-site="gw"' in render_site_views(site_views([row], clean["at"] + 1))
+
+
+def _with_entry(name: str) -> st.SearchStrategy[bytes]:
+    """VALID_SNAPSHOT with one entry of `name` (or the budget, the window) mutated field by field."""
+    inner = VALID_SNAPSHOT[name][0] if isinstance(VALID_SNAPSHOT[name], list) else VALID_SNAPSHOT[name]
+    wrap = (lambda e: [e, *VALID_SNAPSHOT[name][1:]]) if isinstance(VALID_SNAPSHOT[name], list) else (lambda e: e)
+    return (mutated(inner) | json_values).map(lambda e: json.dumps({**VALID_SNAPSHOT, name: wrap(e)}).encode())
+
+
+def test_fuzz_snapshot():
+    nested = st.sampled_from(["updating", "waiting", "deferred", "budget", "window"]).flatmap(_with_entry)
+    run_fuzz(documents(VALID_SNAPSHOT) | nested, check_snapshot)
+
+
 VALID_REQUESTS = ({"op": "request", "version": "2.0.0"}, {"op": "renew", "lease": 17},
                   {"op": "release", "lease": 17, "outcome": "withdrawn"},
                   {"op": "defer", "reason": "deferred by READY_CMD: retry-after=600", "too_long": False})
@@ -145,31 +175,3 @@ def test_fuzz_lease_request():
     for valid in VALID_REQUESTS[1:]:
         strategy = strategy | documents(valid)
     run_fuzz(strategy, check_lease_request)
-
-
-def check_snapshot(data: bytes) -> None:
-    try:
-        clean = parse_snapshot(data, "gw")
-    except SnapshotError as exc:
-        assert "\n" not in str(exc) and exc.status in (400, 403, 413)
-        return
-    assert parse_snapshot(render_snapshot(clean), "gw") == clean
-    robots = [e["robot"] for name in ("updating", "waiting", "deferred") for e in clean[name]]
-    assert len(robots) == len(set(robots))
-    texts = [clean["window"]["reason"], clean["window"]["spec"], clean["timezone"],
-             *(e.get("reason", "") for name in ("waiting", "deferred") for e in clean[name])]
-    assert all(t.isascii() and t.isprintable() for t in texts)
-    row = {"gateway_id": "gw", "at": clean["at"], "received": clean["at"], "body": render_snapshot(clean).decode()}
-    assert 'data-site="gw"' in render_site_views(site_views([row], clean["at"] + 1))
-
-
-def _with_entry(name: str) -> st.SearchStrategy[bytes]:
-    """VALID_SNAPSHOT with one entry of `name` (or the budget, the window) mutated field by field."""
-    inner = VALID_SNAPSHOT[name][0] if isinstance(VALID_SNAPSHOT[name], list) else VALID_SNAPSHOT[name]
-    wrap = (lambda e: [e, *VALID_SNAPSHOT[name][1:]]) if isinstance(VALID_SNAPSHOT[name], list) else (lambda e: e)
-    return (mutated(inner) | json_values).map(lambda e: json.dumps({**VALID_SNAPSHOT, name: wrap(e)}).encode())
-
-
-def test_fuzz_snapshot():
-    nested = st.sampled_from(["updating", "waiting", "deferred", "budget", "window"]).flatmap(_with_entry)
-    run_fuzz(documents(VALID_SNAPSHOT) | nested, check_snapshot)

@@ -403,8 +403,7 @@ def _orchestration(name: str):
 
 
 PARSERS.update(window=_orchestration("check_window_file"), leases=_orchestration("check_lease_table"),
-               leasereq=_orchestration("check_lease_request"),
-               snapshot=_orchestration("check_snapshot"))
+               snapshot=_orchestration("check_snapshot"), leasereq=_orchestration("check_lease_request"))
 
 
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*")), ids=lambda p: p.name)
