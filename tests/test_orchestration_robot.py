@@ -168,7 +168,7 @@ def test_download_ahead_waits_verified_for_a_lease_held_by_another_robot(orch):
     on_version(site, "2.0.0")
     log = robot.log()
     assert log.count("downloading app 2.0.0") == 1 and log.count("verified app 2.0.0") == 1, log
-    assert lease_of(site, ROBOT) is None
+    wait_until(lambda: lease_of(site, ROBOT) is None, TIMEOUT, "r1's lease released after its install")
 
 
 def test_renewals_keep_the_lease_past_its_ttl_through_a_slow_self_test_and_it_is_released_at_commit(orch):
@@ -226,7 +226,7 @@ def test_a_lease_held_at_a_kill_9_mid_install_is_released_after_the_restart(orch
     wait_until(lambda: f"released lease {held['lease']}: app 2.0.0, robot r1, rolled_back" in robot.log(), TIMEOUT,
                "the lease held at the kill released after recovery")
     on_version(site, "2.0.0")  # the interrupted install is not the release's fault: tried again
-    assert lease_of(site, ROBOT) is None
+    wait_until(lambda: lease_of(site, ROBOT) is None, TIMEOUT, "the retried install's lease released")
 
 
 def test_leases_auto_with_an_old_gateway_answering_404_installs_without_a_lease(orch):
