@@ -68,7 +68,7 @@ class LeaseClient:
             except (TransportError, AttributeError):
                 error = None
             raise TransportError(f"POST {LEASE_PATH}: HTTP {status}" + (f": {one_line(error)}" if error else ""))
-        return parse_answer(loads_strict(data, TransportError, f"POST {LEASE_PATH}: the gateway's answer"))
+        return read_answer(data)
 
     def request(self, version: str) -> LeaseAnswer:
         return self.call({"op": "request", "version": version})
@@ -81,6 +81,13 @@ class LeaseClient:
 
     def defer(self, reason: str, too_long: bool) -> LeaseAnswer:
         return self.call({"op": "defer", "reason": one_line(reason), "too_long": too_long})
+
+
+def read_answer(data: bytes) -> LeaseAnswer:
+    """The gateway's 200 answer (strict JSON: no duplicate key, no NaN), or TransportError."""
+    if len(data) > MAX_ANSWER_BYTES:
+        raise TransportError(f"POST {LEASE_PATH}: the answer is larger than {MAX_ANSWER_BYTES} bytes")
+    return parse_answer(loads_strict(data, TransportError, f"POST {LEASE_PATH}: the gateway's answer"))
 
 
 def parse_answer(reply: object) -> LeaseAnswer:
