@@ -39,6 +39,7 @@ from otad.semver import same_version
 
 log = logging.getLogger("otad.robot")
 STATE_FILE = "orchestration.json"
+OUTCOMES = ("committed", "rolled_back", "withdrawn")  # Wire 5's release outcomes
 SCHEMA = 1
 
 
@@ -47,6 +48,7 @@ class Held:
     lease: int
     version: str
     ttl_s: int
+    outcome: str = ""  # set once the install ended, while the gateway has not confirmed the release
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def parse_state(data: bytes) -> dict:
         state["deferred_since"] = float(since)
     held = _held(doc.get("lease"))
     if held is not None:
-        state["lease"] = {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s}
+        state["lease"] = {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s, "outcome": held.outcome}
     return state
 
 
@@ -112,10 +114,15 @@ class UpdateGate:
         self.held = _held(doc["lease"])
         self._key = ""  # the status without its changing counts: a journal line only when this changes
         self._retry_at = 0.0  # time.monotonic() before which READY_CMD is not run again
+        self._was_ready = False  # its last answer
         self._queued = False  # the gateway has this robot in its queue
         self._reported = ""  # the last deferral sent to the gateway
         self._told_unsupported = False
         self.renewer: Renewer | None = None
+        if self.update and self.held is None:
+            # What it waited for before the restart is looked at afresh at the first poll.
+            self.update = ""
+            self._save(doc["version"])
 
     # -- the decision ---------------------------------------------------------------------
     def admit(self, version: str, force_after_s: int | None) -> Verdict:
@@ -177,11 +184,15 @@ class UpdateGate:
         if not settings.ready_cmd:
             return None
         if not final and time.monotonic() < self._retry_at:
-            return self._retry_at - time.monotonic()
+            # Until its next run, the last answer stands: ready stays ready while it waits for a
+            # lease (the final check runs it again anyway), not now stays not now.
+            return None if self._was_ready else self._retry_at - time.monotonic()
         outcome = runner.run(settings.ready_cmd, settings.ready_timeout_s, env={"OTAD_VERSION": version}, alive=self.beat)
         ready = interpret(outcome.returncode, outcome.head, time.time(), self.deferred_since,
                           ReadySettings(settings.ready_retry_s, settings.ready_max_defer_s, force_after_s))
+        self._was_ready = ready.proceed
         if ready.proceed:
+            self._retry_at = time.monotonic() + settings.ready_retry_s
             if ready.state == "forced":
                 log.warning("app %s on robot %s: %s", version, settings.robot_id, ready.reason)
             return None
@@ -220,6 +231,7 @@ class UpdateGate:
     def finish(self, outcome: str, clear: bool = True) -> None:
         """The install ended (committed, rolled_back) or never began (withdrawn): give the lease back.
         If the gateway cannot be reached, the lease stays persisted and `settle` retries."""
+        self._retry_at, self._was_ready = 0.0, False  # the next release asks READY_CMD afresh
         if self.renewer is not None:
             self.renewer.stop(self.settings.connect_timeout + self.settings.read_timeout + 5.0)
             self.renewer = None
@@ -234,7 +246,10 @@ class UpdateGate:
         except (TransportError, OtadError) as exc:
             log.warning("could not release lease %d (app %s, robot %s, %s): %s; trying again at the next poll",
                         held.lease, held.version, self.settings.robot_id, outcome, one_line(exc))
-            self._set(held.version, f"releasing lease {held.lease} ({outcome})")
+            self.held = Held(held.lease, held.version, held.ttl_s, outcome)
+            if clear:  # a withdrawn lease keeps the deferral that withdrew it as the status
+                self._set(held.version, f"releasing lease {held.lease} ({outcome})")
+            self._save(held.version)
             return
         log.info("released lease %d: app %s, robot %s, %s%s", held.lease, held.version, self.settings.robot_id, outcome,
                  f" ({answer.reason})" if answer is not None else "")
@@ -249,7 +264,8 @@ class UpdateGate:
         Called once recovery is done, at every poll until the gateway confirms."""
         if self.held is None or self.renewer is not None:
             return
-        self.finish("committed" if same_version(current, self.held.version) else "rolled_back")
+        outcome = self.held.outcome or ("committed" if same_version(current, self.held.version) else "rolled_back")
+        self.finish(outcome, clear=self.held.outcome != "withdrawn")
 
     def drop(self, why: str) -> None:
         """The staged release is no longer to be installed (the target changed, the plan paused)."""
@@ -258,7 +274,7 @@ class UpdateGate:
                 self.leases.defer(f"not updating: {why}", False)
             except (LeaseUnsupported, TransportError, OtadError):
                 pass  # the gateway drops a waiter it no longer hears from
-        self._queued, self._retry_at = False, 0.0
+        self._queued, self._retry_at, self._was_ready = False, 0.0, False
         self._finish_deferral()
         if self.held is None:
             self._set(None, "")
@@ -277,15 +293,16 @@ class UpdateGate:
     def _save(self, version: str | None) -> None:
         held = self.held
         doc = {"schema": SCHEMA, "update": self.update, "version": version, "deferred_since": self.deferred_since,
-               "lease": None if held is None else {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s}}
+               "lease": None if held is None else {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s,
+                                                   "outcome": held.outcome}}
         atomic_write_bytes(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _held(doc: object) -> Held | None:
     if not isinstance(doc, dict):
         return None
-    lease, version, ttl = doc.get("lease"), doc.get("version"), doc.get("ttl_s")
+    lease, version, ttl, outcome = doc.get("lease"), doc.get("version"), doc.get("ttl_s"), doc.get("outcome", "")
     if type(lease) is int and 0 < lease <= 2**53 and isinstance(version, str) and 0 < len(version) <= 64 \
             and type(ttl) is int and 0 < ttl <= 86_400:
-        return Held(lease, version, ttl)
+        return Held(lease, version, ttl, outcome if outcome in OUTCOMES else "")
     return None
