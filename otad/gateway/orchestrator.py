@@ -30,6 +30,7 @@ from pathlib import Path
 
 from otad.gateway.leasefiles import Installs, LeaseFiles, OrchestrationFileError
 from otad.gateway.leasewire import LeaseRequest
+from otad.gateway import orchview
 from otad.orchestration import Verdict
 from otad.orchestration.budget import Budget, Groups, Limit, may_grant, parse_limit
 from otad.orchestration.leases import Answer, Decision, LeaseTable
@@ -41,6 +42,7 @@ from otad.semver import same_version
 log = logging.getLogger("otad.gateway")
 EVERYONE = Limit(hundredths=10_000)  # no SITE_MAX_CONCURRENT: every robot may update at once (today's behaviour)
 MIN_MEASURED = 3
+WINDOW_REASONS = ("outside window", "window closes")  # shown by the robot as they are (`otadctl status`)
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,10 @@ class Orchestrator:
         for robot, waiter in list(table.queue.items()):
             table.queue[robot] = replace(waiter, seen=max(waiter.seen, now))
         if table.leases or table.queue:
-            log.info("lease: kept %d lease(s) (%s) and %d waiter(s) from %s; held leases run until at least %.0f",
-                     len(table.leases), ", ".join(f"{r} {l.lease_id}" for r, l in sorted(table.leases.items())) or "none",
-                     len(table.queue), self.files.leases_path, now + self.settings.ttl_s)
+            log.info("lease: kept %d lease(s) (%s) and %d waiter(s) from %s; held leases run at least one more "
+                     "TTL (their robots could not renew while the gateway was down)", len(table.leases),
+                     ", ".join(f"{r} {l.lease_id}" for r, l in sorted(table.leases.items())) or "none",
+                     len(table.queue), self.files.leases_path)
             self._dirty = True
 
     def configure(self, settings: OrchestrationSettings) -> None:
@@ -132,6 +135,13 @@ class Orchestrator:
     def heard_from(self, robot: str, now: float) -> None:
         """Any authenticated edge request: the robot is up (it does not count as `down`)."""
         self.heard[robot] = now
+
+    def snapshot(self, now: float) -> dict:
+        """The site view (docs/formats.md "Site orchestration snapshot")."""
+        return orchview.snapshot(self, now)
+
+    def status(self, now: float) -> str:
+        return orchview.status(self, now)
 
     # -- what applies ----------------------------------------------------------------
     def plan_for(self, version: str | None) -> Plan | None:
@@ -195,6 +205,22 @@ class Orchestrator:
             return may_grant(robot, held, budget, self.site_robots, down)
 
         return decide
+
+    def sweep(self, now: float) -> None:
+        """Between requests (the daemon's tick): end expired leases and stale waiters, so the expiry
+        is logged and STATUS= and the site view are right even when no robot asks; a slot freed
+        goes to the next waiter, who learns it at its next ask."""
+        with self.lock:
+            table = self.table
+            due = any(now >= l.expires_at for l in table.leases.values()) or any(
+                now - w.seen >= self.settings.waiting_ttl_s for w in table.queue.values())
+            if not due:  # (a table that failed to save is saved by the next request, not retried here each second)
+                return
+            before = self._shape()
+            lines = [(logging.INFO, f"lease: {line}") for line in table.expire(now, self.settings.waiting_ttl_s)]
+            lines += self._journal(table.grant(now, self.settings.ttl_s, self._decider(now)))
+            self._forget_versions()
+            self._persist(before, lines)
 
     # -- POST /lease ----------------------------------------------------------------
     def handle(self, robot: str, request: LeaseRequest, now: float) -> dict:
@@ -302,7 +328,7 @@ class Orchestrator:
         if answer.state == "waiting":
             ahead = self.table.ahead(robot)
             why = self.said.get(robot, "")
-            reason = why if why.startswith("outside window") else \
+            reason = why if why.startswith(WINDOW_REASONS) else \
                 f"{robot} waits for a lease ({ahead} ahead)" + (f": {why}" if why else "")
             return {"state": "waiting", "reason": reason, "lease": None, "ttl_s": None, "ahead": ahead, "retry_s": retry}
         return {"state": answer.state, "reason": answer.reason, "lease": None, "ttl_s": None, "ahead": None, "retry_s": retry}
