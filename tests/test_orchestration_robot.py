@@ -176,16 +176,22 @@ def test_inhibit_file_blocks_the_install_and_its_removal_lets_it_proceed(orch):
     on_version(site, "2.0.0")
 
 
-def test_download_ahead_waits_verified_for_a_lease_held_by_another_robot(orch):
+def test_download_ahead_waits_verified_for_a_lease_held_by_another_robot(orch, tmp_path):
+    from notify import NotifySocket
+
     site = orch
     start_gateway(site)
-    robot = start_robot(site)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    robot = start_robot(site, env={"NOTIFY_SOCKET": notify.path})
     on_version(site, "1.0.0")
     held = lease_call(site, OTHER, {"op": "request", "version": "2.0.0"})
     assert held["state"] == "granted", held
     manifest = site.release("2.0.0")
     line = showing(site, "waiting for lease (0 ahead)")
     assert status(site)["update"] == line
+    wait_until(lambda: any("STATUS=" in m and "update: waiting for lease (0 ahead)" in m for m in notify.drain()),
+               TIMEOUT, "the robot's STATUS= to show the wait")
+    notify.close()
     part = state(site) / "downloads" / f"{manifest['artifact']}.part"
     wait_until(lambda: "verified app 2.0.0" in robot.log(), TIMEOUT, "2.0.0 verified before the lease")
     assert part.stat().st_size == manifest["size"]
@@ -219,7 +225,7 @@ def test_renewals_keep_the_lease_past_its_ttl_through_a_slow_self_test_and_it_is
     # Released at the commit, before probation ends: the next robot's turn does not wait for it.
     wait_until(lambda: lease_of(site, ROBOT) is None, TIMEOUT, "r1's lease released at the commit")
     assert robot_state(state(site))["phase"] == "probation"
-    assert f"released lease {lease['lease']}: app 2.0.0, robot r1, committed" in robot.log()
+    robot.wait_for_count(f"released lease {lease['lease']}: app 2.0.0, robot r1, committed", 1, TIMEOUT)
     assert lease_call(site, OTHER, {"op": "request", "version": "2.0.0"})["state"] == "granted"
 
 
@@ -230,7 +236,8 @@ def test_a_failed_self_test_rolls_back_and_releases_the_lease_as_rolled_back(orc
     on_version(site, "1.0.0")
     site.release("3.0.0", selftest="exit 1")
     robot.wait_for_count("rolled back app 3.0.0", 1, TIMEOUT)
-    wait_until(lambda: "app 3.0.0, robot r1, rolled_back" in robot.log(), TIMEOUT, "the release of the lease at rollback")
+    wait_until(lambda: re.search(r"released lease \d+: app 3.0.0, robot r1, rolled_back", robot.log()), TIMEOUT,
+               "the release of the lease at rollback")
     assert current_version(app(site)) == "1.0.0"
     assert lease_of(site, ROBOT) is None or lease_of(site, ROBOT)["lease"] > 2  # a later attempt's lease, not the first
 
