@@ -159,6 +159,19 @@ def test_a_robot_no_longer_ready_when_granted_gives_the_lease_back_as_withdrawn(
     on_version(site, "2.0.0")
 
 
+def test_outside_the_window_the_robot_shows_the_gateways_reason_verbatim(orch):
+    site = orch
+    opens = time.gmtime(time.time() + 2 * 3600)
+    closes = time.gmtime(time.time() + 3 * 3600)
+    spec = f"Mon-Sun {opens.tm_hour:02d}:{opens.tm_min:02d}-{closes.tm_hour:02d}:{closes.tm_min:02d}"
+    start_gateway(site, MAINTENANCE_WINDOWS=spec, SITE_TIMEZONE="UTC")
+    start_robot(site)
+    line = showing(site, "outside window")
+    assert line == f"outside window until {opens.tm_hour:02d}:{opens.tm_min:02d}"
+    assert lease_call(site, OTHER, {"op": "request", "version": "1.0.0"})["reason"] == line
+    assert current_version(app(site)) is None and lease_of(site, ROBOT) is None
+
+
 def test_inhibit_file_blocks_the_install_and_its_removal_lets_it_proceed(orch):
     site = orch
     start_gateway(site)

@@ -40,6 +40,9 @@ from otad.semver import same_version
 log = logging.getLogger("otad.robot")
 STATE_FILE = "orchestration.json"
 OUTCOMES = ("committed", "rolled_back", "withdrawn")  # Wire 5's release outcomes
+# A wait for the maintenance window is shown in the gateway's words ("outside window until 22:00");
+# any other wait as the robot's place in the queue.
+WINDOW_REASONS = ("outside window", "window closes")
 SCHEMA = 1
 
 
@@ -131,8 +134,7 @@ class UpdateGate:
         if delay is not None:
             return Verdict(False, delay)
         if not self.settings.uses_leases:
-            self._finish_deferral()
-            return Verdict(True)
+            return self._go(version)
         try:
             answer = self.leases.request(version)
         except LeaseUnsupported:
@@ -142,7 +144,7 @@ class UpdateGate:
             return Verdict(False, float(self.settings.poll_interval))
         self._queued = answer.state == "waiting"
         if answer.state != "granted":
-            if answer.state == "waiting" and not answer.reason.startswith("outside window"):
+            if answer.state == "waiting" and not answer.reason.startswith(WINDOW_REASONS):
                 line = f"waiting for lease ({answer.ahead or 0} ahead)"
             else:
                 line = answer.reason if answer.state == "waiting" else f"lease {answer.state}: {answer.reason}"
@@ -167,7 +169,12 @@ class UpdateGate:
             self._told_unsupported = True
             log.warning("the gateway answers 404 to POST /lease (a gateway older than install leases): "
                         "installing app %s on robot %s without a lease (LEASES=auto)", version, self.settings.robot_id)
+        return self._go(version)
+
+    def _go(self, version: str) -> Verdict:
+        """Install without a lease: no deferral, nothing waited for any more."""
         self._finish_deferral()
+        self._set(version, "")
         return Verdict(True)
 
     def _not_ready(self, version: str, force_after_s: int | None, final: bool) -> float | None:
