@@ -114,6 +114,22 @@ def skew_to(instant: str) -> dict:
     return {"OTAD_TEST_CLOCK_SKEW": str(calendar.timegm(time.strptime(instant, "%Y-%m-%dT%H:%M:%SZ")) - time.time())}
 
 
+def test_with_one_slot_every_robot_gets_its_turn_in_arrival_order(leases):
+    leases.start(SITE_MAX_CONCURRENT=1)
+    arrival = ["r3", "r1", "r5", "r2", "r4"]
+    for robot in arrival:
+        leases.request(robot)
+    served = []
+    for _ in arrival:
+        answers = {robot: leases.request(robot) for robot in arrival if robot not in served}
+        granted = [robot for robot, answer in answers.items() if answer["state"] == "granted"]
+        assert len(granted) == 1, answers  # never two at once
+        assert sorted(a["ahead"] for a in answers.values() if a["state"] == "waiting") == list(range(len(answers) - 1))
+        served.append(granted[0])
+        assert leases.release(granted[0], answers[granted[0]]["lease"])["state"] == "released"
+    assert served == arrival
+
+
 def test_status_shows_leases_in_use_the_budget_and_the_queue(leases, tmp_path):
     notify = NotifySocket(tmp_path / "notify.sock")
     try:
@@ -226,15 +242,25 @@ def test_a_lease_table_that_cannot_be_saved_gets_503_and_no_answer_before_it_is_
     assert [l["robot"] for l in table["leases"]] == ["r1"] and [w["robot"] for w in table["queue"]] == ["r2"]
 
 
-def test_a_corrupt_lease_table_stops_the_gateway_from_starting_with_one_line_naming_it(leases):
+@pytest.mark.parametrize("name, data, reason", [
+    ("leases.json", b'{"schema": 1, "next_seq": 1, "next_lease": 1, "leases": [], "queue": [', "lease table is not valid JSON"),
+    ("leases.json", b'{"schema": 1, "next_seq": 3, "next_lease": 3, "queue": [], "leases": ['
+                    b'{"robot": "r1", "lease": 1, "phase": 0, "granted_at": 1, "expires_at": 9, "ttl_s": 300},'
+                    b'{"robot": "r1", "lease": 2, "phase": 0, "granted_at": 1, "expires_at": 9, "ttl_s": 300}]}',
+     "lease table grants robot 'r1' two leases"),
+    ("installs.json", b'{"schema": 1, "durations": [NaN], "versions": {}}', "installs file holds NaN"),
+], ids=["leases-torn", "leases-two-for-one-robot", "installs-nan"])
+def test_a_corrupt_orchestration_file_stops_the_gateway_from_starting_with_one_line_naming_it(leases, name, data, reason):
     leases.start()
     assert leases.request("r1")["state"] == "granted"
     leases.gw.stop()
-    leases.leases_file.write_bytes(b'{"schema": 1, "next_seq": 1, "next_lease": 1, "leases": [], "queue": [')
+    broken = leases.leases_file.parent / name
+    broken.write_bytes(data)
     leases.gw.start(wait_listening=False)
     assert leases.gw.proc.wait(20) != 0
-    lines = [l for l in leases.gw.new_log().splitlines() if "leases.json" in l]
-    assert len(lines) == 1 and str(leases.leases_file) in lines[0] and "lease table is not valid JSON" in lines[0], lines
+    lines = [l for l in leases.gw.new_log().splitlines() if name in l]
+    assert len(lines) == 1 and str(broken) in lines[0] and reason in lines[0], lines
+    assert "listening on" not in leases.gw.new_log()
 
 
 CORPUS = Path(__file__).parent / "corpus"

@@ -27,13 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
-from otad.gateway.leasefiles import Installs, LeaseFiles, OrchestrationFileError
+from otad.gateway.leasefiles import LeaseFiles, OrchestrationFileError
 from otad.gateway.leasewire import LeaseRequest
 from otad.gateway import orchview
 from otad.orchestration import Verdict
 from otad.orchestration.budget import Budget, Groups, Limit, may_grant, parse_limit
-from otad.orchestration.leases import Answer, Decision, LeaseTable
+from otad.orchestration.leases import Answer, Decision
 from otad.orchestration.windows import Schedule, clock_text, closes_at, fits, is_open, next_open, parse_windows
 from otad.rollout.cohort import phase_of
 from otad.rollout.plan import Plan
@@ -53,7 +54,7 @@ class OrchestrationSettings:
     limit: Limit | None  # SITE_MAX_CONCURRENT; None: no limit
     groups: Groups
     windows: Schedule | None  # MAINTENANCE_WINDOWS; None: always open
-    timezone: object  # ZoneInfo of SITE_TIMEZONE
+    timezone: ZoneInfo  # SITE_TIMEZONE
     ttl_s: int
     retry_s: int
     estimate_s: int
@@ -291,9 +292,13 @@ class Orchestrator:
         return lines
 
     def _forget_versions(self) -> None:
+        """Robots that neither hold a lease nor wait: no version to remember, no reason told (one
+        that comes back is logged afresh)."""
         kept = set(self.table.leases) | set(self.table.queue)
         for robot in [r for r in self.installs.versions if r not in kept]:
             del self.installs.versions[robot]
+        for robot in [r for r in self.said if r not in self.table.queue]:
+            del self.said[robot]
 
     def _shape(self) -> tuple:
         """What must be on disk before an answer: leases, queue membership and order, counters,
