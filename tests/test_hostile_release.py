@@ -48,6 +48,7 @@ class HostileServer:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
+        self.posts: list[str] = []  # the path of every POST (all answered 404)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,6 +75,14 @@ class HostileServer:
                     self.wfile.write(body)
 
             do_HEAD = do_GET
+
+            def do_POST(self) -> None:
+                # A gateway from before install leases: POST /lease (or anything else) is not found.
+                server.posts.append(self.path)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
         class Quiet(ThreadingHTTPServer):
             def handle_error(self, request, client_address) -> None:

@@ -2,7 +2,7 @@
 
 GET/HEAD /manifest (alias /ota/manifest.json), /manifest.bundle (alias
 /ota/manifest.json.bundle), GET /rollout.json, GET/HEAD /ota/<file>, GET /healthz,
-POST /metrics. With ROLLOUT_KEYS set, /manifest and its bundle are per robot (Wire 2,
+POST /metrics, POST /lease (Wire 5: install leases, otad/gateway/orchestrator.py). With ROLLOUT_KEYS set, /manifest and its bundle are per robot (Wire 2,
 docs/formats.md): the bearer token names the robot, and it gets the release its
 rollout assigns it now; without a token only if MANIFEST_ALLOW_ANONYMOUS.
 Only files of cached, verified releases are ever served: names are looked up
@@ -20,6 +20,9 @@ from otad import __version__
 from otad.gateway.buffer import TelemetryBuffer
 from otad.errors import OtadError
 from otad.gateway.cache import Cache, CachedRelease
+from otad.gateway.leasefiles import OrchestrationFileError
+from otad.gateway.leasewire import MAX_BODY_BYTES as MAX_LEASE_BYTES, LeaseRequestError, parse_lease_request
+from otad.gateway.orchestrator import Orchestrator
 from otad.gateway.rollouts import Rollouts
 from otad.telemetry.records import MAX_BODY_BYTES, RecordError, parse_batch
 from otad.telemetry.tokens import TokenTable, bearer
@@ -46,11 +49,20 @@ class Ingest:
     rollouts (None or disabled: newest release to all) and MANIFEST_ALLOW_ANONYMOUS."""
 
     def __init__(self, buffer: TelemetryBuffer, tokens: TokenTable | None, rollouts: Rollouts | None = None,
-                 anonymous: bool = True) -> None:
+                 anonymous: bool = True, orchestrator: Orchestrator | None = None) -> None:
         self.buffer = buffer
         self.tokens = tokens
         self.rollouts = rollouts
         self.anonymous = anonymous
+        self.orchestrator = orchestrator
+
+    def identify(self, header: str | None) -> str | None:
+        """The robot a bearer token names (None: no token file, no token, or a wrong one); a robot
+        heard from is up, for the orchestrator's min_available."""
+        robot = self.tokens.identify(bearer(header) or "") if self.tokens else None
+        if robot is not None and self.orchestrator is not None:
+            self.orchestrator.heard_from(robot, clock.now())
+        return robot
 
     @property
     def rolling(self) -> Rollouts | None:
@@ -78,7 +90,11 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
 
         def do_POST(self) -> None:
             try:
-                if urlsplit(self.path).path != "/metrics":
+                path = urlsplit(self.path).path
+                if path == "/lease":
+                    self._lease()
+                    return
+                if path != "/metrics":
                     self.send_error_json(405, "method not allowed", [("Allow", "GET, HEAD")])
                     return
                 self._ingest()
@@ -93,22 +109,51 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
 
         do_DELETE = do_PATCH = do_PUT
 
-        def _ingest(self) -> None:
-            robot = ingest.tokens.identify(bearer(self.headers.get("Authorization")) or "") if ingest.tokens else None
+        def _authenticated_body(self, limit: int) -> tuple[str, bytes] | None:
+            """(robot, body) of a POST with a robot's token and a Content-Length of at most `limit`;
+            None after the 401/411/413 was sent."""
+            robot = ingest.identify(self.headers.get("Authorization"))
             length = self.headers.get("Content-Length")
             if robot is None:
                 self.close_connection = True  # do not read an unauthenticated body
                 self.send_error_json(401, "missing or wrong bearer token", [("WWW-Authenticate", "Bearer")])
-                return
+                return None
             if length is None or not length.isdigit():
                 self.close_connection = True
                 self.send_error_json(411, "Content-Length required")
-                return
-            if int(length) > MAX_BODY_BYTES:
+                return None
+            if int(length) > limit:
                 self.close_connection = True
-                self.send_error_json(413, f"body is larger than {MAX_BODY_BYTES} bytes")
+                self.send_error_json(413, f"body is larger than {limit} bytes")
+                return None
+            return robot, self.read_body(int(length))
+
+        def _lease(self) -> None:
+            """Wire 5: the answer is sent only once the lease table it reflects is on disk."""
+            got = self._authenticated_body(MAX_LEASE_BYTES)
+            if got is None:
                 return
-            body = self.read_body(int(length))
+            robot, body = got
+            try:
+                request = parse_lease_request(body)
+            except LeaseRequestError as exc:
+                self.send_error_json(400, str(exc))
+                return
+            if ingest.orchestrator is None:
+                self.send_error_json(503, "site orchestration is not running", [("Retry-After", "5")])
+                return
+            try:
+                answer = ingest.orchestrator.handle(robot, request, clock.now())
+            except OrchestrationFileError:  # logged by the orchestrator; the robot asks again
+                self.send_error_json(503, "lease table could not be saved, retry later", [("Retry-After", "5")])
+                return
+            self.send_json(200, answer, [("Cache-Control", "no-store")])
+
+        def _ingest(self) -> None:
+            got = self._authenticated_body(MAX_BODY_BYTES)
+            if got is None:
+                return
+            robot, body = got
             try:
                 records = parse_batch(body)
             except RecordError as exc:
@@ -140,7 +185,7 @@ def make_edge_server(address: tuple[str, int], cache: Cache, ingest: Ingest,
             token = bearer(self.headers.get("Authorization"))
             if token is None and ingest.anonymous:
                 return True, None
-            robot = ingest.tokens.identify(token) if token and ingest.tokens else None
+            robot = ingest.identify(self.headers.get("Authorization")) if token else None
             if robot is None:
                 self.send_error_json(401, "missing or wrong bearer token (robots authenticate with their telemetry token)",
                                      [("WWW-Authenticate", "Bearer")])

@@ -12,6 +12,7 @@ from otad.gateway.buffer import TelemetryBuffer
 from otad.gateway.cache import Cache
 from otad.gateway.edge import Ingest, make_edge_server
 from otad.gateway.forwarder import Forwarder
+from otad.gateway.orchestrator import OrchestrationSettings, Orchestrator
 from otad.gateway.settings import DEFAULT_CONFIG, GatewaySettings
 from otad.gateway.rollouts import Rollouts
 from otad.gateway.sync import Syncer
@@ -43,7 +44,8 @@ class Gateway(Daemon):
         self.buffer.start()
         settings = self.settings
         self.rollouts = Rollouts(settings.state_dir, settings.gateway_id, settings.rollout_keys, settings.trusted_keys, clock.now())
-        self.ingest = Ingest(self.buffer, None, self.rollouts, settings.anonymous_manifest)
+        self.orchestrator = Orchestrator(settings.state_dir, orchestration_settings(settings), self._plans, clock.now())
+        self.ingest = Ingest(self.buffer, None, self.rollouts, settings.anonymous_manifest, self.orchestrator)
         self.forwarder = Forwarder(self.buffer, self.forward_beat)
         self.syncer = Syncer(self.settings, self.cache, self.sync_beat, self.rollouts)
         self._load_tokens(self.settings)
@@ -79,11 +81,16 @@ class Gateway(Daemon):
         if own is None:
             log.warning("telemetry forwarding disabled: TOKEN_FILE is not set (records stay buffered)")
         self.ingest.tokens = robots
+        self.orchestrator.site_robots = max(1, len(robots) if robots is not None else 0)
         self.ingest.anonymous = settings.anonymous_manifest
         self.syncer.token = own
         limits = TransferLimits(settings.connect_timeout, settings.read_timeout)
         self.forwarder.configure(settings.dashboard_url, settings.gateway_id, own, settings.forward_batch,
                                  settings.backoff_max, limits, client_tls(settings, "dashboard_ca_file"))
+
+    def _plans(self) -> list:
+        """The verified current plans (their site_max_concurrent and windows override the config)."""
+        return [c.plan for c in list(self.rollouts.current.values())] if self.rollouts.enabled else []
 
     def tick(self) -> float:
         return 1.0
@@ -94,6 +101,7 @@ class Gateway(Daemon):
         if settings.cache_path != self.settings.cache_path:
             log.warning("CACHE_DIR/STATE_DIR changed; it takes effect at the next restart")
         self.settings = settings
+        self.orchestrator.configure(orchestration_settings(settings))
         self.syncer.apply(settings)
         self._load_tokens(settings)
 
@@ -126,6 +134,12 @@ class Gateway(Daemon):
                 text += ", WAN down since " + time.strftime("%H:%M", time.localtime(forwarder.down_since))
             parts.append(text)
         return "; ".join(parts)
+
+
+def orchestration_settings(settings: GatewaySettings) -> OrchestrationSettings:
+    return OrchestrationSettings(settings.gateway_id, settings.site_max_concurrent, settings.robot_groups,
+                                 settings.maintenance_windows, settings.site_timezone, settings.lease_ttl_s,
+                                 settings.lease_retry_s, settings.install_estimate_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,18 @@
 """Gateway settings: /etc/otad/gateway.conf plus environment overrides (see otad.config)."""
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from otad.config import boolean, http_url, identifier, listen_address, optional_path, path, seconds, setting, whole
 from otad.errors import ConfigError
 from otad.keyconfig import check_trust, rollout_keys, trusted_gpg_keyring, trusted_keys
+from otad.orchestration.budget import Groups, Limit, parse_groups, parse_limit
+from otad.orchestration.leases import MAX_TTL_S
+from otad.orchestration.windows import Schedule, WindowError, parse_timezone, parse_windows
 from otad.rollout.signed import check_key_split
 from otad.transfer.tls import check_client_files
 from otad.trust.keys import PublicKey
@@ -21,6 +26,28 @@ def _default_gateway_id() -> str:
 
 def _auto_boolean(raw: str) -> bool | None:
     return None if not raw.strip() else boolean(raw)
+
+
+def _optional_limit(raw: str) -> Limit | None:
+    return parse_limit(raw) if raw.strip() else None
+
+
+def _optional_windows(raw: str) -> Schedule | None:
+    return parse_windows(raw.strip()) if raw.strip() else None
+
+
+def _site_timezone(raw: str, localtime: str = "/etc/localtime") -> ZoneInfo:
+    """SITE_TIMEZONE, or the zone the system's /etc/localtime links to (its IANA name), else UTC."""
+    if raw.strip():
+        return parse_timezone(raw.strip())
+    target = os.path.realpath(localtime)
+    marker = "/zoneinfo/"
+    if marker in target:
+        try:
+            return parse_timezone(target.split(marker, 1)[1])
+        except WindowError:
+            pass
+    return ZoneInfo("UTC")
 
 
 @dataclass(frozen=True)
@@ -56,6 +83,14 @@ class GatewaySettings:
     # Staged rollouts (issue 15, docs/formats.md "Rollout plan"): empty keeps the newest release for all robots.
     rollout_keys: tuple[PublicKey, ...] = setting(rollout_keys, "", "rollout public keys (sign plans); never a TRUSTED_KEYS key; empty: no rollouts")
     manifest_allow_anonymous: bool | None = setting(_auto_boolean, "", "serve /manifest without a robot token; empty: yes without ROLLOUT_KEYS, no with them")
+    # Site orchestration (issue 16, docs/operations.md "Site orchestration"): install leases, Wire 5.
+    site_max_concurrent: Limit | None = setting(_optional_limit, "", "robots updating at once: N or P% of ROBOT_TOKENS_FILE's robots; empty: no limit")
+    robot_groups: Groups = setting(parse_groups, "", "NAME=ID,ID [max=N|P%] [min_available=N]; groups separated by ';'")
+    maintenance_windows: Schedule | None = setting(_optional_windows, "", "when leases are granted, e.g. Mon-Fri 22:00-05:00; empty: always")
+    site_timezone: ZoneInfo = setting(_site_timezone, "", "IANA zone of the windows; empty: the system's zone, else UTC")
+    lease_ttl_s: int = setting(whole(1, MAX_TTL_S), "300", "a lease not renewed for this long expires")
+    lease_retry_s: int = setting(whole(1, 3600), "5", "a waiting robot asks again after this many seconds")
+    install_estimate_s: int = setting(whole(0, 7 * 86_400), "600", "expected install time until 3 installs are measured")
 
     def check(self) -> None:
         check_trust(self.trusted_keys, self.trusted_gpg_keyring)

@@ -239,6 +239,11 @@ def fits(spec: str | Schedule, tz: str | ZoneInfo, now: float, expected_install_
     return Verdict(True, f"inside window {schedule.text!r} until {_clock(closes, now, zone)} ({zone.key})")
 
 
+def clock_text(epoch: float, now: float, tz: str | ZoneInfo) -> str:
+    """How the site's clock names `epoch` seen from `now`: `22:00`, `Sat 05:00` or a date (reasons)."""
+    return _clock(epoch, now, _zone(tz))
+
+
 def _clock(epoch: float, now: float, zone: ZoneInfo) -> str:
     """`22:00` the same local day, `Sat 05:00` another day, `2026-03-29 03:00` beyond a week."""
     at, today = datetime.fromtimestamp(epoch, zone), datetime.fromtimestamp(now, zone)

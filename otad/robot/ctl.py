@@ -18,6 +18,7 @@ from otad.cli import ArgumentParser, run
 from otad.config import load_settings
 from otad.errors import OtadError
 from otad.robot.installer import Installer
+from otad.robot.orchestrate import load_state
 from otad.robot.outbox import Outbox
 from otad.robot.settings import DEFAULT_CONFIG, RobotSettings
 from otad.robot.state import Busy, StateStore
@@ -39,7 +40,12 @@ def cmd_status(args) -> int:
         last_poll = (settings.state_dir / "last_poll").read_text().strip() or None
     except OSError:
         last_poll = None
+    try:
+        update = load_state(settings.state_dir)["update"] or None
+    except OtadError as exc:
+        update = f"unknown ({exc})"
     doc = {
+        "update": update,
         "current": app.target("CURRENT"), "old": app.target("OLD"), "new": app.target("NEW"),
         "phase": state.phase, "target": state.target, "blacklist": list(state.blacklist),
         "attempts": dict(state.attempts), "last_failure": state.last_failure, "last_poll": last_poll,
@@ -55,6 +61,7 @@ def cmd_status(args) -> int:
     failure = state.last_failure
     print(f"last failure: {failure['version']} at {failure['at']}: {failure['reason']}" if failure else "last failure: -")
     print(f"last poll: {last_poll or '-'}")
+    print(f"update:    {update or '-'}")
     return 0
 
 

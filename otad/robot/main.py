@@ -62,6 +62,8 @@ class Robot(Daemon):
             text += f"; downloading {version} ({100 * received // total if total else 0}%)"
         elif self.installer.step:
             text += f"; installing {self.installer.state.target}: {self.installer.step}"
+        if worker is not None and worker.gate.update and not self.installer.step:
+            text += f"; update: {worker.gate.update}"  # waiting for a lease, deferred, inhibited
         return text
 
 

@@ -58,6 +58,7 @@ class Admission:
     revision: int
     rollback: bool  # back to the version this robot came from (aborted, on_halt=rollback)
     reason: str
+    force_after_s: int | None = None  # the plan's: a robot deferred by READY_CMD this long installs anyway
 
     @property
     def tag(self) -> dict:
@@ -133,7 +134,7 @@ class RolloutGate:
             decided = may_install(plan, robot_id, current, len(plan.phases), offered, came_from=came_from)
             if decided.version is not None and decided.phase is not None:
                 return Admission(decided.version, plan.rollout_id, decided.phase, plan.revision, decided.rollback,
-                                 decided.reason)
+                                 decided.reason, plan.force_after_s)
             reasons.append(f"rollout {plan.rollout_id} revision {plan.revision}: {decided.reason}")
         if not reasons:
             raise RolloutRefused(f"no current signed rollout plan assigns {offered} to {robot_id}")

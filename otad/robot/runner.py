@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TAIL_BYTES = 600
+HEAD_BYTES = 4096  # the start of the output, for commands that answer in it (READY_CMD's retry-after=)
 ALIVE_EVERY = 1.0  # seconds
 
 
@@ -27,6 +28,7 @@ class Outcome:
     reason: str  # one line: "exit 1", "timed out after 60s", ...
     tail: str  # last lines of stdout+stderr
     returncode: int | None = None  # None: it could not run, or was killed at its deadline
+    head: bytes = b""  # the first HEAD_BYTES of stdout+stderr
 
 
 def run(command: list[str] | str, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None,
@@ -50,13 +52,13 @@ def run(command: list[str] | str, timeout: float, cwd: Path | None = None, env: 
             if left <= ALIVE_EVERY:
                 _kill_group(proc)
                 output, _ = proc.communicate()
-                return Outcome(False, f"timed out after {timeout:.0f}s", _tail(output))
+                return Outcome(False, f"timed out after {timeout:.0f}s", _tail(output), None, (output or b"")[:HEAD_BYTES])
             if alive is not None:
                 alive()
     _kill_group(proc)  # leftovers of a finished command must not linger
     if proc.returncode != 0:
-        return Outcome(False, f"exit {proc.returncode}", _tail(output), proc.returncode)
-    return Outcome(True, "ok", _tail(output), 0)
+        return Outcome(False, f"exit {proc.returncode}", _tail(output), proc.returncode, (output or b"")[:HEAD_BYTES])
+    return Outcome(True, "ok", _tail(output), 0, (output or b"")[:HEAD_BYTES])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

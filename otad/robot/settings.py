@@ -31,6 +31,13 @@ def _whole_or_zero(raw: str) -> int:
     return whole(0)(raw)
 
 
+def _leases(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"{raw[:20]!r} is not auto, yes or no")
+    return mode
+
+
 @dataclass(frozen=True)
 class RobotSettings:
     gateway_url: str = setting(http_url, doc="the site gateway's edge listener")
@@ -65,6 +72,13 @@ class RobotSettings:
     # behaviour from before them, the newest release the gateway offers.
     rollout_keys: tuple[PublicKey, ...] = setting(rollout_keys, "", "rollout public keys that sign plans; empty: no rollouts")
     token_file: Path | None = setting(optional_path, "", "this robot's token (the telemetry agent's file), sent to the gateway")
+    # Site orchestration (issue 16, docs/operations.md "Robot: readiness and install leases").
+    leases: str = setting(_leases, "auto", "auto: a lease with TOKEN_FILE, none from a gateway answering 404; yes: always; no: never")
+    ready_cmd: str = setting(text, "", "run before asking for a lease: 0 ready, 75 not now (retry-after=S); empty: always ready")
+    ready_retry_s: int = setting(seconds, "60", "seconds before READY_CMD runs again after a 75 or an error")
+    ready_max_defer_s: int = setting(seconds, "86400", "deferred longer than this: reported deferred_too_long (never forced)")
+    ready_timeout_s: int = setting(seconds, "30", "READY_CMD's deadline; a command that overruns it counts as an error")
+    inhibit_file: Path | None = setting(optional_path, "", "while this file exists, no install starts (e.g. the app's mission flag)")
 
     def check(self) -> None:
         check_trust(self.trusted_keys, self.trusted_gpg_keyring)
@@ -77,6 +91,8 @@ class RobotSettings:
             read_own_token(self.token_file)  # mode and form checked here; the worker reads it for use
         if self.rollout_keys and self.token_file is None:
             raise ConfigError("ROLLOUT_KEYS needs TOKEN_FILE: the gateway tells robots apart by their token")
+        if self.leases == "yes" and self.token_file is None:
+            raise ConfigError("LEASES=yes needs TOKEN_FILE: the gateway grants leases by the robot's token")
         if self.stall_timeout == 1:  # the worker beats once a second while it waits or a command runs
             raise ConfigError("STALL_TIMEOUT must be 0 (derived from the timeouts) or at least 2 seconds")
 
@@ -85,6 +101,11 @@ class RobotSettings:
         """Longest legitimate silence of the worker: a few blocking requests (bundle, checksum, manifest)
         and one slow fsync. Downloads, unpacking, commands within their deadline and planned waits beat."""
         return float(self.stall_timeout or 4 * (self.connect_timeout + self.read_timeout) + 60)
+
+    @property
+    def uses_leases(self) -> bool:
+        """Ask the gateway for an install lease (LEASES=no, or auto without a token: never)."""
+        return self.leases != "no" and self.token_file is not None
 
     @property
     def max_unpacked_bytes(self) -> int:

@@ -24,6 +24,8 @@ from otad.errors import ConfigError, OtadError, TransportError, TrustError
 from otad.fsutil import atomic_write_bytes, make_dirs
 from otad.robot.crashpoints import crashpoint
 from otad.robot.installer import Installer
+from otad.robot.leaseclient import LeaseClient
+from otad.robot.orchestrate import UpdateGate
 from otad.robot.rollouts import MAX_ROLLOUT_BYTES, ROLLOUT_PATH, Admission, RolloutGate, RolloutRefused
 from otad.robot.settings import RobotSettings
 from otad.semver import same_version, version_in
@@ -58,10 +60,17 @@ class Worker:
         self._rollout_digest = ""
         self.token: str | None = None
         self.apply(settings)
+        # Download-ahead: the verified release waiting for READY_CMD or a lease, kept across polls
+        # ((artifact name, sha256), its file), so waiting costs no second download nor re-hash.
+        self._staged: tuple[tuple[str, str], object] | None = None
+        self._retry_in: float | None = None  # this poll's wait for readiness or a lease: poll again sooner
+        self.gate = UpdateGate(settings, LeaseClient(lambda: self.client), beat=heartbeat.beat)
 
     def apply(self, settings: RobotSettings) -> None:
         self.settings = settings
         self.installer.settings = settings
+        if hasattr(self, "gate"):
+            self.gate.settings = settings
         self.anchors = TrustAnchors(cosign_keys=settings.trusted_keys, gpg_keyring=settings.trusted_gpg_keyring)
         self._backoff.cap = settings.backoff_max
         self.token = self._read_token(settings)
@@ -119,7 +128,9 @@ class Worker:
         self.installer.state = self.installer.store.load()
         if self.installer.state.blacklist != blacklist:
             self._polls.forget()
+        self._retry_in = None
         try:
+            self.gate.settle(self.installer.app.target("CURRENT"))  # a lease left over from a kill -9
             if self.settings.rollout_keys:
                 self._fetch_rollouts()
             fetched = self.client.get_small(MANIFEST_PATH, MAX_MANIFEST_BYTES, etag=self._polls.etag(time.monotonic()))
@@ -157,7 +168,8 @@ class Worker:
             self.downloading = None
             self.installer.step = ""
         self._backoff.success()
-        return jittered(self.settings.poll_interval)
+        delay = jittered(self.settings.poll_interval)
+        return delay if self._retry_in is None else max(0.5, min(delay, self._retry_in))
 
     def _fetch_rollouts(self) -> None:
         """This poll's /rollout.json. Other plans than last poll's: look at the manifest again,
@@ -196,6 +208,7 @@ class Worker:
             return
         state = self.installer.state
         if version_in(manifest.version, state.blacklist) or same_version(manifest.version, self.installer.app.target("CURRENT")):
+            self._unstage(f"the gateway offers {manifest.version}, which is current or blacklisted")
             return  # nothing to do, whatever its signature says
         try:
             signed, _, _ = self.client.verified_manifest(body, self._verify)
@@ -212,17 +225,52 @@ class Worker:
                     self._reject(digest, manifest, RollbackRefused(decision.reason))
                 return
             manifest = signed.manifest
-            rollout = self._rollout_record(admission)
-            artifact = self._fetch(manifest)
-            committed = self.installer.install(manifest, artifact, downgrade=decision.downgrade, rollout=rollout,
-                                               plan_downgrade=plan_downgrade)
+            artifact = self._stage(manifest)
+            verdict = self.gate.admit(manifest.version, admission.force_after_s if admission else None)
+            if not verdict.go:
+                self._polls.forget()  # look at the manifest again at the next poll: it may have changed
+                self._retry_in = verdict.delay
+                return
+            committed = self._install(manifest, artifact, decision, admission, plan_downgrade)
         except TrustError as exc:
+            self._unstage(f"refused: {exc}")
             self._reject(digest, manifest, exc)
             return
-        artifact.unlink(missing_ok=True)
-        artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
+        self._unstage("")
         if not committed:
             self._polls.forget()  # try this version again on a later poll, until it is blacklisted
+
+    def _stage(self, manifest: Manifest):
+        """The verified artifact of `manifest`: the one staged at an earlier poll, or downloaded now."""
+        key = (manifest.artifact, manifest.sha256)
+        if self._staged is not None and self._staged[0] == key and self._staged[1].exists():
+            return self._staged[1]
+        self._unstage("")
+        self._staged = (key, self._fetch(manifest))
+        return self._staged[1]
+
+    def _unstage(self, why: str) -> None:
+        """Drop the staged release (installed, or no longer wanted: `why`)."""
+        if self._staged is not None:
+            artifact = self._staged[1]
+            artifact.unlink(missing_ok=True)
+            artifact.with_name(artifact.name + ".meta").unlink(missing_ok=True)
+            self._staged = None
+            if why:
+                self.gate.drop(why)
+
+    def _install(self, manifest: Manifest, artifact, decision, admission: Admission | None, plan_downgrade: bool) -> bool:
+        """Install holding the lease (renewed meanwhile), then give it back: at the commit, before
+        any probation, or at the rollback. True if committed."""
+        outcome = "rolled_back"
+        self.gate.renew_while_installing()
+        try:
+            committed = self.installer.install(manifest, artifact, downgrade=decision.downgrade,
+                                               rollout=self._rollout_record(admission), plan_downgrade=plan_downgrade)
+            outcome = "committed" if committed else "rolled_back"
+            return committed
+        finally:
+            self.gate.finish(outcome)
 
     def _rollout_record(self, admission: Admission | None) -> dict | None:
         """What RobotState.rollout keeps of the plan behind this install; None without one."""

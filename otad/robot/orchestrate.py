@@ -1,0 +1,268 @@
+"""The robot's side of site orchestration (issue 16): may this robot stop its app now?
+
+The worker downloads and verifies a release with no lease and keeps it staged;
+before it installs, `UpdateGate.admit` decides, in this order:
+1. INHIBIT_FILE: while it exists (the app's own "on a mission" flag, as RAUC's
+   inhibit files and balena's lock files), nothing starts. Never forced.
+2. READY_CMD, run with READY_TIMEOUT_S through runner.py and read by the pure
+   otad/orchestration/readiness.py: 0 ready, 75 not now (`retry-after=SECONDS`),
+   anything else an error; not run again before its retry time. A plan's
+   `force_after_s` makes a robot deferred that long proceed anyway.
+3. An install lease from the gateway (leaseclient.py, Wire 5), asked again every
+   `retry_s` the gateway names, the robot keeping its place in the queue.
+When granted, the inhibit file and READY_CMD are checked once more right before
+the app is stopped; a robot no longer ready gives the lease back (`withdrawn`).
+
+The state `otadctl status` shows is STATE_DIR/orchestration.json (atomic writes):
+the one-line `update` status, the start of the current deferral (`deferred_since`,
+so READY_MAX_DEFER_S counts across restarts) and the lease held while installing,
+persisted before unpacking, so a robot killed mid-install gives it back after its
+restart once recovery is done (`settle`). Every change of the status is one
+journal line naming version, robot and reason; an unchanged one is not repeated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from otad.errors import OtadError, TransportError
+from otad.fsutil import atomic_write_bytes
+from otad.orchestration.readiness import ReadySettings, interpret
+from otad.robot import runner
+from otad.robot.leaseclient import LeaseClient, LeaseUnsupported, Renewer, one_line
+from otad.robot.settings import RobotSettings
+from otad.semver import same_version
+
+log = logging.getLogger("otad.robot")
+STATE_FILE = "orchestration.json"
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Held:
+    lease: int
+    version: str
+    ttl_s: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    go: bool
+    delay: float = 0.0  # not go: look again in this many seconds
+    held: Held | None = None  # go: the lease to install under (None: no lease needed)
+
+
+def empty_state() -> dict:
+    return {"schema": SCHEMA, "update": "", "version": None, "deferred_since": None, "lease": None}
+
+
+def load_state(state_dir: Path) -> dict:
+    """STATE_DIR/orchestration.json; the empty state if there is none (OtadError if it is unreadable)."""
+    empty = empty_state()
+    try:
+        doc = json.loads((state_dir / STATE_FILE).read_bytes())
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValueError) as exc:
+        raise OtadError(f"{state_dir / STATE_FILE}: unreadable ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise OtadError(f"{state_dir / STATE_FILE}: not the robot's update state (schema {SCHEMA})")
+    return {**empty, **{k: v for k, v in doc.items() if k in empty}}
+
+
+class UpdateGate:
+    def __init__(self, settings: RobotSettings, leases: LeaseClient, beat=lambda: None) -> None:
+        self.settings, self.leases, self.beat = settings, leases, beat
+        self.path = settings.state_dir / STATE_FILE
+        try:
+            doc = load_state(settings.state_dir)
+        except OtadError as exc:
+            # Only the status and a deferral's start are lost: a held lease expires at the gateway.
+            log.warning("%s; starting from an empty update state", exc)
+            doc = empty_state()
+        self.update: str = doc["update"] if isinstance(doc["update"], str) else ""
+        since = doc["deferred_since"]
+        self.deferred_since: float | None = float(since) if type(since) in (int, float) else None
+        self.held = _held(doc["lease"])
+        self._key = ""  # the status without its changing counts: a journal line only when this changes
+        self._retry_at = 0.0  # time.monotonic() before which READY_CMD is not run again
+        self._queued = False  # the gateway has this robot in its queue
+        self._reported = ""  # the last deferral sent to the gateway
+        self._told_unsupported = False
+        self.renewer: Renewer | None = None
+
+    # -- the decision ---------------------------------------------------------------------
+    def admit(self, version: str, force_after_s: int | None) -> Verdict:
+        """May the verified, staged `version` be installed now?"""
+        delay = self._not_ready(version, force_after_s, final=False)
+        if delay is not None:
+            return Verdict(False, delay)
+        if not self.settings.uses_leases:
+            self._finish_deferral()
+            return Verdict(True)
+        try:
+            answer = self.leases.request(version)
+        except LeaseUnsupported:
+            return self._unsupported(version)
+        except (TransportError, OtadError) as exc:
+            self._set(version, f"lease request failed: {one_line(exc)}")
+            return Verdict(False, float(self.settings.poll_interval))
+        self._queued = answer.state == "waiting"
+        if answer.state != "granted":
+            if answer.state == "waiting" and not answer.reason.startswith("outside window"):
+                line = f"waiting for lease ({answer.ahead or 0} ahead)"
+            else:
+                line = answer.reason if answer.state == "waiting" else f"lease {answer.state}: {answer.reason}"
+            self._set(version, line, detail=answer.reason)
+            return Verdict(False, answer.retry_s)
+        held = Held(answer.lease, version, answer.ttl_s)
+        self.held = held
+        self._save(version)  # before anything is unpacked: a kill -9 from here on releases it after the restart
+        delay = self._not_ready(version, force_after_s, final=True)
+        if delay is not None:
+            self.finish("withdrawn", clear=False)  # the deferral just recorded stays the status
+            return Verdict(False, delay)
+        self._finish_deferral()
+        self._set(version, f"installing {version} (lease {held.lease})")
+        return Verdict(True, held=held)
+
+    def _unsupported(self, version: str) -> Verdict:
+        if self.settings.leases == "yes":
+            self._set(version, "waiting: the gateway has no POST /lease (HTTP 404) and LEASES=yes")
+            return Verdict(False, float(self.settings.poll_interval))
+        if not self._told_unsupported:
+            self._told_unsupported = True
+            log.warning("the gateway answers 404 to POST /lease (a gateway older than install leases): "
+                        "installing app %s on robot %s without a lease (LEASES=auto)", version, self.settings.robot_id)
+        self._finish_deferral()
+        return Verdict(True)
+
+    def _not_ready(self, version: str, force_after_s: int | None, final: bool) -> float | None:
+        """None when the robot is ready (or forced); else seconds until it looks again."""
+        settings, now = self.settings, time.time()
+        inhibit = settings.inhibit_file
+        if inhibit is not None and inhibit.exists():
+            since = self.deferred_since if self.deferred_since is not None and self.deferred_since <= now else now
+            waited = now - since
+            late = f"; deferred_too_long ({waited:.0f}s, READY_MAX_DEFER_S={settings.ready_max_defer_s})" \
+                if waited >= settings.ready_max_defer_s else ""
+            self._defer(version, f"inhibited by {inhibit}{late}", since, bool(late))
+            return float(min(settings.ready_retry_s, settings.poll_interval))  # a stat is cheap: look every poll
+        if not settings.ready_cmd:
+            return None
+        if not final and time.monotonic() < self._retry_at:
+            return self._retry_at - time.monotonic()
+        outcome = runner.run(settings.ready_cmd, settings.ready_timeout_s, env={"OTAD_VERSION": version}, alive=self.beat)
+        ready = interpret(outcome.returncode, outcome.head, time.time(), self.deferred_since,
+                          ReadySettings(settings.ready_retry_s, settings.ready_max_defer_s, force_after_s))
+        if ready.proceed:
+            if ready.state == "forced":
+                log.warning("app %s on robot %s: %s", version, settings.robot_id, ready.reason)
+            return None
+        delay = max(0.0, (ready.retry_at or now) - time.time())
+        self._retry_at = time.monotonic() + delay
+        self._defer(version, ready.reason, ready.deferred_since, ready.deferred_too_long)
+        return delay
+
+    def _defer(self, version: str, reason: str, since: float | None, too_long: bool) -> None:
+        self.deferred_since = since
+        self._set(version, reason)
+        if not self.settings.uses_leases or self._key == self._reported:
+            return
+        try:
+            self.leases.defer(reason, too_long)  # out of the queue: the site view shows why
+            self._queued = False
+            self._reported = self._key
+        except LeaseUnsupported:
+            self._reported = self._key
+        except (TransportError, OtadError) as exc:
+            log.warning("could not report the deferral of robot %s to the gateway: %s", self.settings.robot_id, one_line(exc))
+
+    def _finish_deferral(self) -> None:
+        self._reported = ""
+        if self.deferred_since is not None:
+            self.deferred_since = None
+            self._save(None)
+
+    # -- holding and giving back ----------------------------------------------------------
+    def renew_while_installing(self) -> None:
+        """Start renewing the held lease (every ttl_s/3) until `finish`."""
+        if self.held is not None:
+            what = f"app {self.held.version}, robot {self.settings.robot_id}"
+            self.renewer = Renewer(self.leases, self.held.lease, self.held.ttl_s, what).start()
+
+    def finish(self, outcome: str, clear: bool = True) -> None:
+        """The install ended (committed, rolled_back) or never began (withdrawn): give the lease back.
+        If the gateway cannot be reached, the lease stays persisted and `settle` retries."""
+        if self.renewer is not None:
+            self.renewer.stop(self.settings.connect_timeout + self.settings.read_timeout + 5.0)
+            self.renewer = None
+        held = self.held
+        if held is None:
+            self._set(None, "")
+            return
+        try:
+            answer = self.leases.release(held.lease, outcome)
+        except LeaseUnsupported:
+            answer = None
+        except (TransportError, OtadError) as exc:
+            log.warning("could not release lease %d (app %s, robot %s, %s): %s; trying again at the next poll",
+                        held.lease, held.version, self.settings.robot_id, outcome, one_line(exc))
+            self._set(held.version, f"releasing lease {held.lease} ({outcome})")
+            return
+        log.info("released lease %d: app %s, robot %s, %s%s", held.lease, held.version, self.settings.robot_id, outcome,
+                 f" ({answer.reason})" if answer is not None else "")
+        self.held = None
+        if clear:
+            self._set(None, "")
+        else:
+            self._save(held.version)
+
+    def settle(self, current: str | None) -> None:
+        """A lease still held from before (a kill -9 mid-install, or a failed release): give it back.
+        Called once recovery is done, at every poll until the gateway confirms."""
+        if self.held is None or self.renewer is not None:
+            return
+        self.finish("committed" if same_version(current, self.held.version) else "rolled_back")
+
+    def drop(self, why: str) -> None:
+        """The staged release is no longer to be installed (the target changed, the plan paused)."""
+        if self._queued and self.settings.uses_leases:
+            try:
+                self.leases.defer(f"not updating: {why}", False)
+            except (LeaseUnsupported, TransportError, OtadError):
+                pass  # the gateway drops a waiter it no longer hears from
+        self._queued, self._retry_at = False, 0.0
+        self._finish_deferral()
+        if self.held is None:
+            self._set(None, "")
+
+    # -- the status -----------------------------------------------------------------------
+    def _set(self, version: str | None, line: str, detail: str = "") -> None:
+        key = re.sub(r"\(\d+s, READY_MAX", "(READY_MAX", line)  # the growing count alone is no new decision
+        if key != self._key and line:
+            why = f" ({detail})" if detail and detail != line else ""
+            log.info("update of app %s on robot %s: %s%s", version, self.settings.robot_id, line, why)
+        changed = line != self.update
+        self._key, self.update = key, line
+        if changed:
+            self._save(version)
+
+    def _save(self, version: str | None) -> None:
+        held = self.held
+        doc = {"schema": SCHEMA, "update": self.update, "version": version, "deferred_since": self.deferred_since,
+               "lease": None if held is None else {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s}}
+        atomic_write_bytes(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _held(doc: object) -> Held | None:
+    if not isinstance(doc, dict):
+        return None
+    lease, version, ttl = doc.get("lease"), doc.get("version"), doc.get("ttl_s")
+    if type(lease) is int and lease > 0 and isinstance(version, str) and type(ttl) is int and ttl > 0:
+        return Held(lease, version, ttl)
+    return None
