@@ -30,7 +30,6 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from fleet import robot_token
@@ -144,8 +143,9 @@ class OrchestrationSite(NsFleet):
         self.site.release(version, args=("--expires-in", "500"))
         self.daemons["gw"].wait_for_log(rf"verified app {re.escape(version)}\b", 60)
         self.cut_wan("gw")
-        early = [r for r in ROBOTS if self.state(r).get("phase") != "idle" or self.current(r) == version]
-        assert not early, f"{early} started installing {version} before the WAN was cut"
+        early = [r for r in ROBOTS if self.state(r).get("phase", "idle") != "idle" or self.current(r) == version]
+        assert not early and not self.journal(rf"^lease: granted lease \d+ to \S+ for {re.escape(version)} "), \
+            f"{early or 'a robot'} started installing {version} before the WAN was cut"
 
     # -- the apps' levers ---------------------------------------------------------------------
     def set_ready(self, robot: str, answer: str) -> None:
@@ -202,6 +202,7 @@ class OutOfService(Sampler):
     `min_available`, is a violation. Also records, per robot, when it was first seen out (and in
     what order), and every lease the gateway's persisted table held (id -> robot, granted_at, expires_at).
 
+    `skew`: the gateway's test clock minus time.time(): first-out times are on the gateway's clock.
     `dead`: robots the test killed. A dead robot's state.json still says it is mid-install, but it
     holds no lease once its lease expired: the budget bounds leases, so it is not counted."""
 
@@ -210,17 +211,17 @@ class OutOfService(Sampler):
         super().__init__(interval)
         self.site, self.limit, self.groups = site, limit, groups or {}
         self.dead: set[str] = set()
+        self.skew = 0.0
         self.most = 0
-        self.first_out: dict[str, float] = {}  # robot -> time.time() it was first seen out of service
+        self.first_out: dict[str, float] = {}  # robot -> when it was first seen out of service (gateway clock)
         self.order: list[str] = []
         self.seen_leases: dict[int, dict] = {}
-        self.on_sample: list[Callable[[], None]] = []
 
     def sample(self) -> None:
         robots = [r for r in self.site.robot_names if r not in self.dead]
         first = {r for r in robots if self.site.out_of_service(r)}
         out = {r for r in robots if self.site.out_of_service(r)} & first
-        now = time.time()
+        now = time.time() + self.skew
         for lease in self.site.leases():
             known = self.seen_leases.setdefault(lease["lease"], lease)
             if known["robot"] != lease["robot"]:
@@ -238,5 +239,3 @@ class OutOfService(Sampler):
             if len(working) < minimum:
                 self.violations.append(f"group {name} had {len(working)} robots working, fewer than min_available "
                                        f"{minimum}: {sorted(members & out)} out of service")
-        for check in self.on_sample:
-            check()
