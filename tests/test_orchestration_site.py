@@ -218,7 +218,7 @@ def test_windows_across_both_dst_changes(orch):
 
     skew = spring[0] - 20 - time.time()
     site.configure_gateway({"OTAD_TEST_CLOCK_SKEW": f"{skew:.3f}"}, MAINTENANCE_WINDOWS="Sun 03:00-05:00")
-    sampler.skew = skew
+    sampler.skew, sampler.limit = skew, None  # spring: no SITE_MAX_CONCURRENT, only the window
     for robot in ROBOTS[1:]:
         waiting(site, robot, r"^outside window until 03:00$")
     site.wait_settled(ROBOTS, version, timeout=90)
