@@ -10,14 +10,21 @@ properties are on the real modules:
 - SITE_MAX_CONCURRENT and ROBOT_GROUPS parse or raise BudgetError;
 - lease-table bytes parse or raise LeaseTableError; a table that parses renders
   back to bytes that parse to the same table, with one lease per robot and no
-  robot both leased and queued.
+  robot both leased and queued;
+- a POST /lease body (Wire 5, otad/gateway/leasewire.py, what the gateway's edge
+  calls) parses or raises LeaseRequestError with one short line; a request that
+  parses says the same when written back as JSON.
 Findings go to tests/corpus/fuzz/ as `window-<what>` (spec, zone, epoch on three
-lines) or `leases-<what>` (the bytes), replayed by
+lines), `leases-<what>` or `leasereq-<what>` (the bytes), replayed by
 test_fuzz_parsers.py::test_fuzz_findings_stay_fixed with the checks below.
 """
 from __future__ import annotations
 
+import json
+
 from hypothesis import strategies as st
+
+from otad.gateway.leasewire import MAX_BODY_BYTES, OPS, LeaseRequestError, parse_lease_request
 
 from otad.orchestration.budget import BudgetError, Budget, may_grant, parse_groups, parse_limit
 from otad.orchestration.leases import LeaseTableError, parse_table
@@ -106,3 +113,28 @@ def check_window_file(data: bytes) -> None:
     """A finding as a file: `spec\nzone\nepoch` in UTF-8 (tests/corpus/fuzz/window-<what>)."""
     spec, zone, now = data.decode("utf-8").split("\n")
     check_window((spec, zone, int(now)))
+
+
+VALID_REQUESTS = ({"op": "request", "version": "2.0.0"}, {"op": "renew", "lease": 17},
+                  {"op": "release", "lease": 17, "outcome": "withdrawn"},
+                  {"op": "defer", "reason": "deferred by READY_CMD: retry-after=600", "too_long": False})
+
+
+def check_lease_request(data: bytes) -> None:
+    try:
+        request = parse_lease_request(data)
+    except LeaseRequestError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 300 and str(exc).startswith("lease request")
+        return
+    assert len(data) <= MAX_BODY_BYTES and request.op in OPS
+    fields = {"request": {"version": request.version}, "renew": {"lease": request.lease},
+              "release": {"lease": request.lease, "outcome": request.outcome},
+              "defer": {"reason": request.reason, "too_long": request.too_long}}[request.op]
+    assert parse_lease_request(json.dumps({"op": request.op, **fields}).encode()) == request
+
+
+def test_fuzz_lease_request():
+    strategy = documents(VALID_REQUESTS[0])
+    for valid in VALID_REQUESTS[1:]:
+        strategy = strategy | documents(valid)
+    run_fuzz(strategy, check_lease_request)

@@ -402,7 +402,8 @@ def _orchestration(name: str):
     return lambda data: getattr(importlib.import_module("test_fuzz_orchestration"), name)(data)
 
 
-PARSERS.update(window=_orchestration("check_window_file"), leases=_orchestration("check_lease_table"))
+PARSERS.update(window=_orchestration("check_window_file"), leases=_orchestration("check_lease_table"),
+               leasereq=_orchestration("check_lease_request"))
 
 
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*")), ids=lambda p: p.name)

@@ -48,7 +48,8 @@ class HostileServer:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Authorization header) of every GET
-        self.posts: list[str] = []  # the path of every POST (all answered 404)
+        self.posts: list[str] = []  # the path of every POST
+        self.post_answer: tuple[int, bytes] | None = None  # (status, body) for every POST; None: 404
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,12 +78,14 @@ class HostileServer:
             do_HEAD = do_GET
 
             def do_POST(self) -> None:
-                # A gateway from before install leases: POST /lease (or anything else) is not found.
+                # By default a gateway from before install leases: POST /lease (or anything else) is not found.
                 server.posts.append(self.path)
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
+                status, body = server.post_answer or (404, b"")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.write(body)
 
         class Quiet(ThreadingHTTPServer):
             def handle_error(self, request, client_address) -> None:

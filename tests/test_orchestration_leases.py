@@ -216,7 +216,7 @@ operations = st.one_of(
     st.tuples(st.just("withdraw"), st.sampled_from(ROBOTS)),
     st.tuples(st.just("grant")),
     st.tuples(st.just("renew"), st.sampled_from(ROBOTS), st.booleans()),
-    st.tuples(st.just("release"), st.sampled_from(ROBOTS), st.sampled_from(["committed", "rolled_back"])),
+    st.tuples(st.just("release"), st.sampled_from(ROBOTS), st.sampled_from(["committed", "rolled_back", "withdrawn"])),
     st.tuples(st.just("wait"), st.integers(1, 400)),
     st.tuples(st.just("expire"), st.sampled_from([None, 120])),
     st.tuples(st.just("restart")),

@@ -22,6 +22,8 @@ from invariants import current_version, robot_state
 from test_hostile_release import HostileServer
 
 TIMEOUT = 30
+CORPUS = Path(__file__).parent / "corpus"
+ANSWER_CASES = json.loads((CORPUS / "lease-answer-cases.json").read_text())
 ROBOT = "r1"
 OTHER = "r2"
 
@@ -168,7 +170,7 @@ def test_download_ahead_waits_verified_for_a_lease_held_by_another_robot(orch):
     on_version(site, "2.0.0")
     log = robot.log()
     assert log.count("downloading app 2.0.0") == 1 and log.count("verified app 2.0.0") == 1, log
-    assert lease_of(site, ROBOT) is None
+    wait_until(lambda: lease_of(site, ROBOT) is None, TIMEOUT, "r1's lease released after its install")
 
 
 def test_renewals_keep_the_lease_past_its_ttl_through_a_slow_self_test_and_it_is_released_at_commit(orch):
@@ -226,7 +228,7 @@ def test_a_lease_held_at_a_kill_9_mid_install_is_released_after_the_restart(orch
     wait_until(lambda: f"released lease {held['lease']}: app 2.0.0, robot r1, rolled_back" in robot.log(), TIMEOUT,
                "the lease held at the kill released after recovery")
     on_version(site, "2.0.0")  # the interrupted install is not the release's fault: tried again
-    assert lease_of(site, ROBOT) is None
+    wait_until(lambda: lease_of(site, ROBOT) is None, TIMEOUT, "the retried install's lease released")
 
 
 def test_leases_auto_with_an_old_gateway_answering_404_installs_without_a_lease(orch):
@@ -243,3 +245,36 @@ def test_leases_auto_with_an_old_gateway_answering_404_installs_without_a_lease(
         assert update_line(site) == "-"
     finally:
         server.close()
+
+
+def saved_update(site: Site) -> str:
+    path = state(site) / "orchestration.json"
+    return json.loads(path.read_text())["update"] if path.exists() else ""
+
+
+def test_hostile_lease_answers_keep_the_robot_from_installing_and_running(orch):
+    """tests/corpus/lease-answer-cases.json: each answer a broken or hostile gateway could give to
+    POST /lease. The robot must not take any of them for a grant (nor install), must keep running,
+    and must show why in its update line."""
+    site = orch
+    server = HostileServer()
+    try:
+        server.serve_release(site.root / f"out-1.0.0-{site.key.stem}")
+        robot = site.robot(server.url, ROBOT, TOKEN_FILE=site.token_file)
+        for case in ANSWER_CASES:
+            server.post_answer = (200, (CORPUS / case["file"]).read_bytes())
+            asked = len(server.posts)
+            if not robot.running():
+                robot.start(wait_listening=False)
+            wait_until(lambda: len(server.posts) >= asked + 2 and case["expect"] in saved_update(site), TIMEOUT,
+                       f"{case['id']}: the update line to show {case['expect']!r}")
+            assert current_version(app(site)) is None and robot.running(), case["id"]
+        server.post_answer = None  # an old gateway again: installs without a lease
+        on_version(site, "1.0.0")
+        assert "Traceback" not in robot.log()
+    finally:
+        server.close()
+
+
+def test_every_lease_answer_corpus_file_has_a_row_and_every_row_a_file():
+    assert {p.name for p in (CORPUS / "lease-answer").iterdir()} == {c["file"].split("/")[1] for c in ANSWER_CASES}

@@ -175,9 +175,10 @@ def rollsite(site, role_keys, tmp_path):
     s.close()
 
 
-def take_first_plan(s: RolloutSite, **plan) -> None:
-    """Gateway on 1.0.0, robots report 1.0.0, 2.0.0 is published and cached, then the plan is taken."""
-    gw = s.start()
+def take_first_plan(s: RolloutSite, gateway: dict | None = None, **plan) -> None:
+    """Gateway on 1.0.0, robots report 1.0.0, 2.0.0 is published and cached, then the plan is taken.
+    `gateway`: more gateway.conf settings."""
+    gw = s.start(**(gateway or {}))
     gw.wait_for_log(r"verified app 1\.0\.0")
     for robot in ROBOTS:
         s.report(robot)  # version 1.0.0

@@ -123,6 +123,9 @@ class Gateway(Daemon):
             parts.append(f"downloading {state.downloading} ({percent}%)")
         if state and state.wan_down_since is not None:
             parts.append("dashboard unreachable since " + time.strftime("%H:%M", time.localtime(state.wan_down_since)))
+        orchestrator = getattr(self, "orchestrator", None)
+        if orchestrator is not None and getattr(self, "ingest", None) is not None and self.ingest.tokens is not None:
+            parts.append(orchestrator.status(clock.now()))  # without robot tokens there are no leases
         forwarder = getattr(self, "forwarder", None)
         if forwarder is not None:
             text = f"telemetry: {self.buffer.backlog():,} pending"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from otad.gateway.leasefiles import Installs, LeaseFiles, OrchestrationFileError
 from otad.gateway.leasewire import LeaseRequest
+from otad.gateway import orchview
 from otad.orchestration import Verdict
 from otad.orchestration.budget import Budget, Groups, Limit, may_grant, parse_limit
 from otad.orchestration.leases import Answer, Decision, LeaseTable
@@ -41,6 +42,7 @@ from otad.semver import same_version
 log = logging.getLogger("otad.gateway")
 EVERYONE = Limit(hundredths=10_000)  # no SITE_MAX_CONCURRENT: every robot may update at once (today's behaviour)
 MIN_MEASURED = 3
+WINDOW_REASONS = ("outside window", "window closes")  # shown by the robot as they are (`otadctl status`)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,13 @@ class Orchestrator:
     def heard_from(self, robot: str, now: float) -> None:
         """Any authenticated edge request: the robot is up (it does not count as `down`)."""
         self.heard[robot] = now
+
+    def snapshot(self, now: float) -> dict:
+        """The site view (docs/formats.md "Site orchestration snapshot")."""
+        return orchview.snapshot(self, now)
+
+    def status(self, now: float) -> str:
+        return orchview.status(self, now)
 
     # -- what applies ----------------------------------------------------------------
     def plan_for(self, version: str | None) -> Plan | None:
@@ -302,7 +311,7 @@ class Orchestrator:
         if answer.state == "waiting":
             ahead = self.table.ahead(robot)
             why = self.said.get(robot, "")
-            reason = why if why.startswith("outside window") else \
+            reason = why if why.startswith(WINDOW_REASONS) else \
                 f"{robot} waits for a lease ({ahead} ahead)" + (f": {why}" if why else "")
             return {"state": "waiting", "reason": reason, "lease": None, "ttl_s": None, "ahead": ahead, "retry_s": retry}
         return {"state": answer.state, "reason": answer.reason, "lease": None, "ttl_s": None, "ahead": None, "retry_s": retry}

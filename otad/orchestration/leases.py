@@ -41,7 +41,9 @@ MAX_TTL_S = 86_400
 MAX_PHASE = 1_000
 MAX_COUNTER = 2**53  # exact in every JSON reader
 MAX_EPOCH = 2**40
-OUTCOMES = ("committed", "rolled_back")
+# "withdrawn": the robot's final readiness check, right before it stops its app, said no; it
+# gives the lease back without installing (Wire 5).
+OUTCOMES = ("committed", "rolled_back", "withdrawn")
 
 
 class LeaseTableError(OtadError):
@@ -158,7 +160,7 @@ class LeaseTable:
         return Answer("granted", f"{robot_id} renewed lease {lease_id} until {renewed.expires_at:.0f}", renewed)
 
     def release(self, robot_id: str, lease_id: int, outcome: str, now: float) -> Answer:
-        """The robot committed or rolled back: its lease ends (idempotent, so a retried release is fine).
+        """The robot committed, rolled back or withdrew: its lease ends (idempotent, so a retried release is fine).
         A robot whose lease already expired leaves the queue it was put back in: it is done."""
         if outcome not in OUTCOMES:
             raise LeaseTableError(f"release outcome {str(outcome)[:20]!r} is not one of {', '.join(OUTCOMES)}")

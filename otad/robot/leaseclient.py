@@ -13,13 +13,13 @@ the next interval), and its early death is noticed and logged when the install e
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from otad.errors import TransportError
+from otad.errors import MalformedMetadata, TransportError
+from otad.strictjson import loads_strict
 from otad.transfer.client import HttpClient
 
 log = logging.getLogger("otad.robot")
@@ -28,6 +28,7 @@ STATES = ("granted", "waiting", "released", "refused", "deferred")
 MAX_REASON = 200
 MAX_RETRY_S = 3600
 MAX_TTL_S = 86_400
+MAX_ANSWER_BYTES = 4096  # a lease answer is a few fields; anything longer is not one
 
 
 class LeaseUnsupported(Exception):
@@ -55,14 +56,19 @@ class LeaseClient:
 
     def call(self, doc: dict) -> LeaseAnswer:
         """One request; TransportError for the network, a non-200 answer or a malformed reply."""
-        body = json.dumps(doc, separators=(",", ":")).encode()
-        status, reply = self._client().post(LEASE_PATH, body, {"Content-Type": "application/json"})
+        try:
+            status, data = self._client().post_json(LEASE_PATH, doc, MAX_ANSWER_BYTES)
+        except MalformedMetadata as exc:  # a hostile or broken gateway: retried like the network
+            raise TransportError(str(exc)) from None
         if status == 404:
             raise LeaseUnsupported()
         if status != 200:
-            error = reply.get("error") if isinstance(reply, dict) else None
+            try:
+                error = loads_strict(data, TransportError, "answer").get("error")
+            except (TransportError, AttributeError):
+                error = None
             raise TransportError(f"POST {LEASE_PATH}: HTTP {status}" + (f": {one_line(error)}" if error else ""))
-        return parse_answer(reply)
+        return read_answer(data)
 
     def request(self, version: str) -> LeaseAnswer:
         return self.call({"op": "request", "version": version})
@@ -75,6 +81,13 @@ class LeaseClient:
 
     def defer(self, reason: str, too_long: bool) -> LeaseAnswer:
         return self.call({"op": "defer", "reason": one_line(reason), "too_long": too_long})
+
+
+def read_answer(data: bytes) -> LeaseAnswer:
+    """The gateway's 200 answer (strict JSON: no duplicate key, no NaN), or TransportError."""
+    if len(data) > MAX_ANSWER_BYTES:
+        raise TransportError(f"POST {LEASE_PATH}: the answer is larger than {MAX_ANSWER_BYTES} bytes")
+    return parse_answer(loads_strict(data, TransportError, f"POST {LEASE_PATH}: the gateway's answer"))
 
 
 def parse_answer(reply: object) -> LeaseAnswer:

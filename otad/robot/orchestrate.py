@@ -62,16 +62,39 @@ def empty_state() -> dict:
 
 def load_state(state_dir: Path) -> dict:
     """STATE_DIR/orchestration.json; the empty state if there is none (OtadError if it is unreadable)."""
-    empty = empty_state()
+    path = state_dir / STATE_FILE
     try:
-        doc = json.loads((state_dir / STATE_FILE).read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
-        return empty
-    except (OSError, ValueError) as exc:
-        raise OtadError(f"{state_dir / STATE_FILE}: unreadable ({exc})") from None
+        return empty_state()
+    except OSError as exc:
+        raise OtadError(f"{path}: unreadable ({exc.strerror})") from None
+    try:
+        return parse_state(data)
+    except ValueError as exc:
+        raise OtadError(f"{path}: {exc}") from None
+
+
+def parse_state(data: bytes) -> dict:
+    """The fields of an orchestration.json, each of its type or the empty value; ValueError if it is none."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ValueError("not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise OtadError(f"{state_dir / STATE_FILE}: not the robot's update state (schema {SCHEMA})")
-    return {**empty, **{k: v for k, v in doc.items() if k in empty}}
+        raise ValueError(f"not the robot's update state (schema {SCHEMA})")
+    state = empty_state()
+    if isinstance(doc.get("update"), str):
+        state["update"] = one_line(doc["update"], 400)
+    if isinstance(doc.get("version"), str):
+        state["version"] = one_line(doc["version"], 64)
+    since = doc.get("deferred_since")
+    if type(since) in (int, float) and 0 <= since < 2**40:
+        state["deferred_since"] = float(since)
+    held = _held(doc.get("lease"))
+    if held is not None:
+        state["lease"] = {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s}
+    return state
 
 
 class UpdateGate:
@@ -84,9 +107,8 @@ class UpdateGate:
             # Only the status and a deferral's start are lost: a held lease expires at the gateway.
             log.warning("%s; starting from an empty update state", exc)
             doc = empty_state()
-        self.update: str = doc["update"] if isinstance(doc["update"], str) else ""
-        since = doc["deferred_since"]
-        self.deferred_since: float | None = float(since) if type(since) in (int, float) else None
+        self.update: str = doc["update"]
+        self.deferred_since: float | None = doc["deferred_since"]
         self.held = _held(doc["lease"])
         self._key = ""  # the status without its changing counts: a journal line only when this changes
         self._retry_at = 0.0  # time.monotonic() before which READY_CMD is not run again
@@ -263,6 +285,7 @@ def _held(doc: object) -> Held | None:
     if not isinstance(doc, dict):
         return None
     lease, version, ttl = doc.get("lease"), doc.get("version"), doc.get("ttl_s")
-    if type(lease) is int and lease > 0 and isinstance(version, str) and type(ttl) is int and ttl > 0:
+    if type(lease) is int and 0 < lease <= 2**53 and isinstance(version, str) and 0 < len(version) <= 64 \
+            and type(ttl) is int and 0 < ttl <= 86_400:
         return Held(lease, version, ttl)
     return None

@@ -209,6 +209,33 @@ class HttpClient:
                 reply = None
             return response.status_code, reply
 
+    def post_json(self, path: str, doc: object, max_reply: int) -> tuple[int, bytes]:
+        """POST `doc` as JSON; return (status, the reply's bytes, at most `max_reply`). A longer reply
+        is MalformedMetadata (a small API's answer, never a stream); network trouble: TransportError."""
+        url = self.url(path)
+        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        with self._watch(url) as watch:
+            try:
+                response = self.session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}, stream=True, allow_redirects=False,
+                    timeout=(self.limits.connect_timeout, self.limits.read_timeout), **self.tls_options,
+                )
+            except requests.RequestException as exc:
+                raise _transport_error(url, exc, "POST") from None
+            with response:
+                reply = bytearray()
+                try:
+                    for chunk in response.iter_content(CHUNK):
+                        reply += chunk
+                        watch.add(len(chunk))
+                        if len(reply) > max_reply:
+                            raise MalformedMetadata(f"POST {path}: the answer is larger than {max_reply} bytes")
+                except requests.RequestException as exc:
+                    raise _transport_error(url, exc, "POST") from None
+                if watch.tripped:
+                    raise TransportError(f"POST {url}: {watch.tripped}")
+                return response.status_code, bytes(reply)
+
     def download(
         self,
         path: str,
