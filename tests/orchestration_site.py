@@ -34,6 +34,7 @@ from pathlib import Path
 
 from fleet import robot_token
 from harness import BIN, wait_until
+from notify import NotifySocket
 from nsfleet import NsFleet, Sampler, secret
 from otad.orchestration.leases import LeaseTableError, parse_table
 
@@ -72,6 +73,8 @@ class OrchestrationSite(NsFleet):
         self.gateway_settings: dict = dict(GATEWAY_BASE)
         self.gateway_env: dict = {}
         self.major = 0  # releases are 1.0.0, 2.0.0, ...: one per rollout
+        self.notify = NotifySocket(root / "gw-notify.sock")  # the gateway's sd_notify STATUS= lines
+        self._notify_mark = 0
 
     # -- building -------------------------------------------------------------------------
     def build(self) -> "OrchestrationSite":
@@ -112,7 +115,9 @@ class OrchestrationSite(NsFleet):
             "DASHBOARD_URL": DASHBOARD_URL, "TRUSTED_KEYS": self.site.pub, "LISTEN": f"{EDGE}.1:8081",
             "STATE_DIR": self.root / "gw-state", "POLL_INTERVAL": 1, "BACKOFF_MAX": 2, "CONNECT_TIMEOUT": 2,
             "READ_TIMEOUT": 3, "GATEWAY_ID": "gw", "TOKEN_FILE": secret(self.root / "gw.token", GATEWAY_TOKEN + "\n"),
-            "ROBOT_TOKENS_FILE": self.robot_tokens, **self.gateway_settings}, env=self.gateway_env)
+            "ROBOT_TOKENS_FILE": self.robot_tokens, **self.gateway_settings},
+            env={**self.gateway_env, "NOTIFY_SOCKET": self.notify.path})
+        self._notify_mark = len(self.notify.drain())
 
     def configure_gateway(self, env: dict | None = None, **settings) -> None:
         """Restart the gateway (SIGTERM) with GATEWAY_BASE + `settings`, and `env` (e.g. the clock skew)."""
@@ -191,6 +196,18 @@ class OrchestrationSite(NsFleet):
     def wait_update_line(self, robot: str, pattern: str, timeout: float = 30) -> str:
         return wait_until(lambda: re.search(pattern, line := self.update_line(robot)) and line, timeout,
                           f"otadctl status on {robot} to show {pattern!r} (now {self.update_line(robot)!r})", interval=0.2)
+
+    def wait_status(self, pattern: str, timeout: float = 30) -> str:
+        """The gateway's STATUS= (sd_notify) since its last start, once one matches `pattern`."""
+        def found():
+            return next((m for m in reversed(self.notify.drain()[self._notify_mark:]) if re.search(pattern, m)), None)
+        return wait_until(found, timeout, f"the gateway's STATUS= to match {pattern!r} "
+                                          f"(last: {(self.notify.drain()[-1:] or [''])[0]!r})", interval=0.1)
+
+    def teardown(self) -> list[str]:
+        left = super().teardown()
+        self.notify.close()
+        return left
 
     def journal(self, pattern: str) -> list[re.Match]:
         """The gateway's journal lines matching `pattern`, over all its runs (its log file)."""

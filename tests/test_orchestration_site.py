@@ -87,6 +87,7 @@ def test_at_most_two_robots_out_of_service_through_a_kill9_of_the_gateway(orch):
         waiting(site, robot, r"^waiting for lease \(\d ahead\)$")
     held = {lease["robot"]: lease["lease"] for lease in site.leases()}
     assert set(held) == set(holders), f"leases on disk {held}, apps down {holders}"
+    site.wait_status(r"leases 2/2 in use, 4 waiting")
 
     site.restart("gw")  # kill -9 and start again, WAN still down
     site.daemons["gw"].wait_for_log(r"lease: kept 2 lease\(s\)")
@@ -148,6 +149,7 @@ def test_readiness_inhibit_fairness_and_the_lease_of_a_dead_robot(orch):
         assert re.search(expected, site.update_line(robot)), f"otadctl status on {robot}"
         assert site.journal(rf"^lease: {robot} deferred: {expected.lstrip('^')}"), f"no deferral of {robot} in the journal"
     assert all(site.current(r) == before for r in ROBOTS)
+    site.wait_status(r"leases 0/1 in use, 0 waiting, 6 deferred")
 
     made_ready = time.monotonic()
     site.set_ready("r4", "0")
@@ -185,10 +187,10 @@ def test_windows_across_both_dst_changes(orch):
 
     Autumn, one slot: `Sat 22:00-02:30` on the night of 2026-10-25, when 03:00 CEST becomes 02:00
     CET; the close falls in the repeated hour, so it is the first 02:30 (00:30 UTC), not the
-    second (01:30 UTC). The clock starts 40 s before it: r1 gets the lease (and is held), the
+    second (01:30 UTC). The clock starts 30 s before it: r1 gets the lease (and is held), the
     others wait; once the window closes they are told `outside window`, and no lease is granted
     after 00:30 UTC. Spring, no limit: `Sun 03:00-05:00` on 2027-03-28, when 02:00 CET becomes
-    03:00 CEST: the window opens at the jump (01:00 UTC), not an hour later. The clock starts 20 s
+    03:00 CEST: the window opens at the jump (01:00 UTC), not an hour later. The clock starts 15 s
     before it; the robots show `outside window until 03:00` and proceed once it opens. Every lease
     of both nights is granted inside its window (the gateway's persisted grant times; every grant
     of the journal among them), and no robot stopped its app outside its window (the sampler's
@@ -199,7 +201,7 @@ def test_windows_across_both_dst_changes(orch):
     # The instants in UTC, worked out by hand: zoneinfo's first occurrence, and the jump.
     assert (autumn[1], spring[0]) == (utc("2026-10-25T00:30"), utc("2027-03-28T01:00"))
     sampler = OutOfService(site, limit=1)
-    sampler.skew = autumn[1] - 40 - time.time()
+    sampler.skew = autumn[1] - 30 - time.time()
     version = site.begin({"OTAD_TEST_CLOCK_SKEW": f"{sampler.skew:.3f}"}, SITE_MAX_CONCURRENT=1,
                          MAINTENANCE_WINDOWS="Sat 22:00-02:30", INSTALL_ESTIMATE_S=5)
     site.hold("r1")
@@ -212,15 +214,17 @@ def test_windows_across_both_dst_changes(orch):
         site.set_ready(robot, "0")
     for robot in ROBOTS[1:]:
         waiting(site, robot, r"^outside window", timeout=60)  # at 02:30 CEST, half an hour before the clocks go back
+    site.wait_status(r"leases 1/1 in use, 5 waiting, window closed")
     site.unhold()
     site.wait_settled(["r1"], version)
     assert all(site.current(r) != version for r in ROBOTS[1:]), "a robot updated after the autumn window closed"
 
-    skew = spring[0] - 20 - time.time()
+    skew = spring[0] - 15 - time.time()
     site.configure_gateway({"OTAD_TEST_CLOCK_SKEW": f"{skew:.3f}"}, MAINTENANCE_WINDOWS="Sun 03:00-05:00")
     sampler.skew, sampler.limit = skew, None  # spring: no SITE_MAX_CONCURRENT, only the window
     for robot in ROBOTS[1:]:
         waiting(site, robot, r"^outside window until 03:00$")
+    site.wait_status(r"window closed until 03:00")
     site.wait_settled(ROBOTS, version, timeout=90)
     assert sampler.stop() == [], sampler.violations[:5]
     assert autumn[0] <= sampler.first_out["r1"] < autumn[1]
