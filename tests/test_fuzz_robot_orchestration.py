@@ -19,7 +19,7 @@ from test_fuzz_parsers import documents, run_fuzz
 
 VALID_ANSWER = {"state": "granted", "reason": "r1 holds lease 3", "lease": 3, "ttl_s": 300, "ahead": None, "retry_s": 5}
 VALID_STATE = {"schema": 1, "update": "installing 2.0.0 (lease 3)", "version": "2.0.0", "deferred_since": 1796320000.5,
-               "lease": {"lease": 3, "version": "2.0.0", "ttl_s": 300}}
+               "lease": {"lease": 3, "version": "2.0.0", "ttl_s": 300, "outcome": ""}}
 
 
 def check_answer(data: bytes) -> None:

@@ -263,7 +263,11 @@ def test_ready_comes_after_the_listener_is_bound(site, tmp_path):
 @pytest.mark.parametrize(
     "key,value,named",
     [("POLL_INTERVAL", "abc", "POLL_INTERVAL"), ("TRUSTED_KEYS", "/nonexistent/key.pub", "TRUSTED_KEYS"),
-     ("LISTEN", "nowhere", "LISTEN"), ("DASHBOARD_URL", "ftp://x", "DASHBOARD_URL"), ("CACHE_KEEP_VERSIONS", "0", "CACHE_KEEP_VERSIONS")],
+     ("LISTEN", "nowhere", "LISTEN"), ("DASHBOARD_URL", "ftp://x", "DASHBOARD_URL"), ("CACHE_KEEP_VERSIONS", "0", "CACHE_KEEP_VERSIONS"),
+     # Site orchestration (issue 16): each key's own parser, its one line naming the key.
+     ("SITE_MAX_CONCURRENT", "12x", "SITE_MAX_CONCURRENT"), ("ROBOT_GROUPS", "a=r1 min_available=3", "ROBOT_GROUPS"),
+     ("MAINTENANCE_WINDOWS", "Mon 25:00-01:00", "MAINTENANCE_WINDOWS"), ("SITE_TIMEZONE", "../../etc/passwd", "SITE_TIMEZONE"),
+     ("LEASE_TTL_S", "100000", "LEASE_TTL_S")],
 )
 def test_bad_config_stops_start_up_naming_the_key(site, key, value, named):
     gw = site.gateway(**{key: value})

@@ -24,7 +24,7 @@ from notify import NotifySocket
 from otad.gateway.leasewire import LeaseRequest
 from otad.gateway.orchestrator import OrchestrationSettings, Orchestrator
 from otad.orchestration.budget import parse_groups, parse_limit
-from otad.orchestration.windows import parse_timezone, parse_windows
+from otad.orchestration.windows import DAYS, parse_timezone, parse_windows
 from test_rollout_gateway import rollsite, take_first_plan  # noqa: F401 (rollsite is a fixture)
 
 ROBOTS = ["r1", "r2", "r3", "r4", "r5"]
@@ -114,6 +114,22 @@ def skew_to(instant: str) -> dict:
     return {"OTAD_TEST_CLOCK_SKEW": str(calendar.timegm(time.strptime(instant, "%Y-%m-%dT%H:%M:%SZ")) - time.time())}
 
 
+def test_with_one_slot_every_robot_gets_its_turn_in_arrival_order(leases):
+    leases.start(SITE_MAX_CONCURRENT=1)
+    arrival = ["r3", "r1", "r5", "r2", "r4"]
+    for robot in arrival:
+        leases.request(robot)
+    served = []
+    for _ in arrival:
+        answers = {robot: leases.request(robot) for robot in arrival if robot not in served}
+        granted = [robot for robot, answer in answers.items() if answer["state"] == "granted"]
+        assert len(granted) == 1, answers  # never two at once
+        assert sorted(a["ahead"] for a in answers.values() if a["state"] == "waiting") == list(range(len(answers) - 1))
+        served.append(granted[0])
+        assert leases.release(granted[0], answers[granted[0]]["lease"])["state"] == "released"
+    assert served == arrival
+
+
 def test_status_shows_leases_in_use_the_budget_and_the_queue(leases, tmp_path):
     notify = NotifySocket(tmp_path / "notify.sock")
     try:
@@ -128,17 +144,17 @@ def test_status_shows_leases_in_use_the_budget_and_the_queue(leases, tmp_path):
 
 
 def test_an_expired_lease_is_logged_frees_its_slot_and_its_robot_goes_to_the_back(leases):
-    leases.start(SITE_MAX_CONCURRENT=1, LEASE_TTL_S=2)
+    leases.start(SITE_MAX_CONCURRENT=1, LEASE_TTL_S=3)
     dead = leases.request("r1")  # r1 dies mid-install: it never renews
-    assert dead["state"] == "granted" and dead["ttl_s"] == 2
+    assert dead["state"] == "granted" and dead["ttl_s"] == 3
     assert leases.request("r2")["ahead"] == 0 and leases.request("r3")["ahead"] == 1
-    nxt = wait_until(lambda: (a := leases.request("r2"))["state"] == "granted" and a, 15, "r2 to get the expired slot",
-                     interval=0.2)
-    leases.gw.wait_for_log(rf"lease: lease {dead['lease']} of r1 expired \(not renewed within 2s\); r1 goes to the back of the queue")
+    # Swept by the gateway itself, with no robot asking: the expiry is logged and the slot passed on.
+    leases.gw.wait_for_log(rf"lease: lease {dead['lease']} of r1 expired \(not renewed within 3s\); r1 goes to the back of the queue")
+    leases.gw.wait_for_log(r"lease: granted lease 2 to r2 for 2\.0\.0")
+    assert leases.request("r2")["lease"] == 2
     back = leases.request("r1")
     assert back["state"] == "waiting" and back["ahead"] == 1  # behind r3, who waited longer
     assert leases.renew("r1", dead["lease"])["state"] == "refused"
-    assert nxt["lease"] != dead["lease"]
 
 
 def test_a_gateway_killed_with_leases_held_restarts_with_the_same_leases_and_no_double_grant(leases):
@@ -182,14 +198,17 @@ def test_leases_are_granted_only_inside_the_window_in_site_time(leases, start, l
     assert leases.request("r1")["state"] == then
 
 
-def test_a_plans_site_max_concurrent_replaces_the_gateways_for_its_version(rollsite):
-    take_first_plan(rollsite, gateway={"SITE_MAX_CONCURRENT": 3}, site_max_concurrent="1")
+def test_a_plans_budget_and_windows_replace_the_gateways_for_its_version(rollsite):
+    closed = f"{DAYS[(time.gmtime().tm_wday + 3) % 7]} 10:00-11:00"  # three days away: closed now
+    take_first_plan(rollsite, gateway={"SITE_MAX_CONCURRENT": 3, "MAINTENANCE_WINDOWS": closed, "SITE_TIMEZONE": "UTC"},
+                    site_max_concurrent="1", windows="Mon-Sun 00:00-24:00")
     leases = LeaseClient(rollsite.gw)
     assert leases.request("r1", "2.0.0")["state"] == "granted"
     waiting = leases.request("r2", "2.0.0")
     assert waiting["state"] == "waiting" and "site budget full: 1 of 1 leases in use (the plan's 1)" in waiting["reason"]
-    # Another version is not this plan's: the gateway's budget of 3 applies to it.
-    assert leases.request("r3", "3.0.0")["state"] == "granted"
+    # Another version is not this plan's: the gateway's window (closed) and budget apply to it.
+    other = leases.request("r3", "3.0.0")
+    assert other["state"] == "waiting" and other["reason"] == f"outside window (opens {closed.split('-')[0]})"
 
 
 def test_a_group_never_drops_below_min_available_and_a_full_group_does_not_stall_the_site(leases):
@@ -223,15 +242,25 @@ def test_a_lease_table_that_cannot_be_saved_gets_503_and_no_answer_before_it_is_
     assert [l["robot"] for l in table["leases"]] == ["r1"] and [w["robot"] for w in table["queue"]] == ["r2"]
 
 
-def test_a_corrupt_lease_table_stops_the_gateway_from_starting_with_one_line_naming_it(leases):
+@pytest.mark.parametrize("name, data, reason", [
+    ("leases.json", b'{"schema": 1, "next_seq": 1, "next_lease": 1, "leases": [], "queue": [', "lease table is not valid JSON"),
+    ("leases.json", b'{"schema": 1, "next_seq": 3, "next_lease": 3, "queue": [], "leases": ['
+                    b'{"robot": "r1", "lease": 1, "phase": 0, "granted_at": 1, "expires_at": 9, "ttl_s": 300},'
+                    b'{"robot": "r1", "lease": 2, "phase": 0, "granted_at": 1, "expires_at": 9, "ttl_s": 300}]}',
+     "lease table grants robot 'r1' two leases"),
+    ("installs.json", b'{"schema": 1, "durations": [NaN], "versions": {}}', "installs file holds NaN"),
+], ids=["leases-torn", "leases-two-for-one-robot", "installs-nan"])
+def test_a_corrupt_orchestration_file_stops_the_gateway_from_starting_with_one_line_naming_it(leases, name, data, reason):
     leases.start()
     assert leases.request("r1")["state"] == "granted"
     leases.gw.stop()
-    leases.leases_file.write_bytes(b'{"schema": 1, "next_seq": 1, "next_lease": 1, "leases": [], "queue": [')
+    broken = leases.leases_file.parent / name
+    broken.write_bytes(data)
     leases.gw.start(wait_listening=False)
     assert leases.gw.proc.wait(20) != 0
-    lines = [l for l in leases.gw.new_log().splitlines() if "leases.json" in l]
-    assert len(lines) == 1 and str(leases.leases_file) in lines[0] and "lease table is not valid JSON" in lines[0], lines
+    lines = [l for l in leases.gw.new_log().splitlines() if name in l]
+    assert len(lines) == 1 and str(broken) in lines[0] and reason in lines[0], lines
+    assert "listening on" not in leases.gw.new_log()
 
 
 CORPUS = Path(__file__).parent / "corpus"

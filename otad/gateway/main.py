@@ -12,6 +12,7 @@ from otad.gateway.buffer import TelemetryBuffer
 from otad.gateway.cache import Cache
 from otad.gateway.edge import Ingest, make_edge_server
 from otad.gateway.forwarder import Forwarder
+from otad.gateway.leasefiles import OrchestrationFileError
 from otad.gateway.orchestrator import OrchestrationSettings, Orchestrator
 from otad.gateway.settings import DEFAULT_CONFIG, GatewaySettings
 from otad.gateway.rollouts import Rollouts
@@ -93,6 +94,12 @@ class Gateway(Daemon):
         return [c.plan for c in list(self.rollouts.current.values())] if self.rollouts.enabled else []
 
     def tick(self) -> float:
+        try:
+            self.orchestrator.sweep(clock.now())
+        except OrchestrationFileError:
+            pass  # logged; the next POST /lease saves it again (or answers 503)
+        except Exception as exc:  # a bug must not stop the daemon's loop
+            log.error("lease: sweep failed: %s: %s", type(exc).__name__, exc)
         return 1.0
 
     def apply_settings(self, settings: GatewaySettings) -> None:

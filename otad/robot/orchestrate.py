@@ -39,6 +39,10 @@ from otad.semver import same_version
 
 log = logging.getLogger("otad.robot")
 STATE_FILE = "orchestration.json"
+OUTCOMES = ("committed", "rolled_back", "withdrawn")  # Wire 5's release outcomes
+# A wait for the maintenance window is shown in the gateway's words ("outside window until 22:00");
+# any other wait as the robot's place in the queue.
+WINDOW_REASONS = ("outside window", "window closes")
 SCHEMA = 1
 
 
@@ -47,6 +51,7 @@ class Held:
     lease: int
     version: str
     ttl_s: int
+    outcome: str = ""  # set once the install ended, while the gateway has not confirmed the release
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def parse_state(data: bytes) -> dict:
         state["deferred_since"] = float(since)
     held = _held(doc.get("lease"))
     if held is not None:
-        state["lease"] = {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s}
+        state["lease"] = {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s, "outcome": held.outcome}
     return state
 
 
@@ -112,10 +117,15 @@ class UpdateGate:
         self.held = _held(doc["lease"])
         self._key = ""  # the status without its changing counts: a journal line only when this changes
         self._retry_at = 0.0  # time.monotonic() before which READY_CMD is not run again
+        self._was_ready = False  # its last answer
         self._queued = False  # the gateway has this robot in its queue
         self._reported = ""  # the last deferral sent to the gateway
         self._told_unsupported = False
         self.renewer: Renewer | None = None
+        if self.update and self.held is None:
+            # What it waited for before the restart is looked at afresh at the first poll.
+            self.update = ""
+            self._save(doc["version"])
 
     # -- the decision ---------------------------------------------------------------------
     def admit(self, version: str, force_after_s: int | None) -> Verdict:
@@ -124,8 +134,7 @@ class UpdateGate:
         if delay is not None:
             return Verdict(False, delay)
         if not self.settings.uses_leases:
-            self._finish_deferral()
-            return Verdict(True)
+            return self._go(version)
         try:
             answer = self.leases.request(version)
         except LeaseUnsupported:
@@ -135,7 +144,7 @@ class UpdateGate:
             return Verdict(False, float(self.settings.poll_interval))
         self._queued = answer.state == "waiting"
         if answer.state != "granted":
-            if answer.state == "waiting" and not answer.reason.startswith("outside window"):
+            if answer.state == "waiting" and not answer.reason.startswith(WINDOW_REASONS):
                 line = f"waiting for lease ({answer.ahead or 0} ahead)"
             else:
                 line = answer.reason if answer.state == "waiting" else f"lease {answer.state}: {answer.reason}"
@@ -160,7 +169,12 @@ class UpdateGate:
             self._told_unsupported = True
             log.warning("the gateway answers 404 to POST /lease (a gateway older than install leases): "
                         "installing app %s on robot %s without a lease (LEASES=auto)", version, self.settings.robot_id)
+        return self._go(version)
+
+    def _go(self, version: str) -> Verdict:
+        """Install without a lease: no deferral, nothing waited for any more."""
         self._finish_deferral()
+        self._set(version, "")
         return Verdict(True)
 
     def _not_ready(self, version: str, force_after_s: int | None, final: bool) -> float | None:
@@ -177,11 +191,15 @@ class UpdateGate:
         if not settings.ready_cmd:
             return None
         if not final and time.monotonic() < self._retry_at:
-            return self._retry_at - time.monotonic()
+            # Until its next run, the last answer stands: ready stays ready while it waits for a
+            # lease (the final check runs it again anyway), not now stays not now.
+            return None if self._was_ready else self._retry_at - time.monotonic()
         outcome = runner.run(settings.ready_cmd, settings.ready_timeout_s, env={"OTAD_VERSION": version}, alive=self.beat)
         ready = interpret(outcome.returncode, outcome.head, time.time(), self.deferred_since,
                           ReadySettings(settings.ready_retry_s, settings.ready_max_defer_s, force_after_s))
+        self._was_ready = ready.proceed
         if ready.proceed:
+            self._retry_at = time.monotonic() + settings.ready_retry_s
             if ready.state == "forced":
                 log.warning("app %s on robot %s: %s", version, settings.robot_id, ready.reason)
             return None
@@ -220,6 +238,7 @@ class UpdateGate:
     def finish(self, outcome: str, clear: bool = True) -> None:
         """The install ended (committed, rolled_back) or never began (withdrawn): give the lease back.
         If the gateway cannot be reached, the lease stays persisted and `settle` retries."""
+        self._retry_at, self._was_ready = 0.0, False  # the next release asks READY_CMD afresh
         if self.renewer is not None:
             self.renewer.stop(self.settings.connect_timeout + self.settings.read_timeout + 5.0)
             self.renewer = None
@@ -234,7 +253,10 @@ class UpdateGate:
         except (TransportError, OtadError) as exc:
             log.warning("could not release lease %d (app %s, robot %s, %s): %s; trying again at the next poll",
                         held.lease, held.version, self.settings.robot_id, outcome, one_line(exc))
-            self._set(held.version, f"releasing lease {held.lease} ({outcome})")
+            self.held = Held(held.lease, held.version, held.ttl_s, outcome)
+            if clear:  # a withdrawn lease keeps the deferral that withdrew it as the status
+                self._set(held.version, f"releasing lease {held.lease} ({outcome})")
+            self._save(held.version)
             return
         log.info("released lease %d: app %s, robot %s, %s%s", held.lease, held.version, self.settings.robot_id, outcome,
                  f" ({answer.reason})" if answer is not None else "")
@@ -249,7 +271,8 @@ class UpdateGate:
         Called once recovery is done, at every poll until the gateway confirms."""
         if self.held is None or self.renewer is not None:
             return
-        self.finish("committed" if same_version(current, self.held.version) else "rolled_back")
+        outcome = self.held.outcome or ("committed" if same_version(current, self.held.version) else "rolled_back")
+        self.finish(outcome, clear=self.held.outcome != "withdrawn")
 
     def drop(self, why: str) -> None:
         """The staged release is no longer to be installed (the target changed, the plan paused)."""
@@ -258,7 +281,7 @@ class UpdateGate:
                 self.leases.defer(f"not updating: {why}", False)
             except (LeaseUnsupported, TransportError, OtadError):
                 pass  # the gateway drops a waiter it no longer hears from
-        self._queued, self._retry_at = False, 0.0
+        self._queued, self._retry_at, self._was_ready = False, 0.0, False
         self._finish_deferral()
         if self.held is None:
             self._set(None, "")
@@ -277,15 +300,16 @@ class UpdateGate:
     def _save(self, version: str | None) -> None:
         held = self.held
         doc = {"schema": SCHEMA, "update": self.update, "version": version, "deferred_since": self.deferred_since,
-               "lease": None if held is None else {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s}}
+               "lease": None if held is None else {"lease": held.lease, "version": held.version, "ttl_s": held.ttl_s,
+                                                   "outcome": held.outcome}}
         atomic_write_bytes(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _held(doc: object) -> Held | None:
     if not isinstance(doc, dict):
         return None
-    lease, version, ttl = doc.get("lease"), doc.get("version"), doc.get("ttl_s")
+    lease, version, ttl, outcome = doc.get("lease"), doc.get("version"), doc.get("ttl_s"), doc.get("outcome", "")
     if type(lease) is int and 0 < lease <= 2**53 and isinstance(version, str) and 0 < len(version) <= 64 \
             and type(ttl) is int and 0 < ttl <= 86_400:
-        return Held(lease, version, ttl)
+        return Held(lease, version, ttl, outcome if outcome in OUTCOMES else "")
     return None

@@ -210,6 +210,7 @@ class Worker:
         if version_in(manifest.version, state.blacklist) or same_version(manifest.version, self.installer.app.target("CURRENT")):
             self._unstage(f"the gateway offers {manifest.version}, which is current or blacklisted")
             return  # nothing to do, whatever its signature says
+        installing = False
         try:
             signed, _, _ = self.client.verified_manifest(body, self._verify)
             if signed.manifest.version != manifest.version:
@@ -231,9 +232,13 @@ class Worker:
                 self._polls.forget()  # look at the manifest again at the next poll: it may have changed
                 self._retry_in = verdict.delay
                 return
+            installing = True
             committed = self._install(manifest, artifact, decision, admission, plan_downgrade)
         except TrustError as exc:
-            self._unstage(f"refused: {exc}")
+            if installing:  # the unpacker refused the archive: kept on disk, verified again on a later try
+                self._staged = None
+            else:
+                self._unstage(f"refused: {exc}")
             self._reject(digest, manifest, exc)
             return
         self._unstage("")
