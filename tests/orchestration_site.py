@@ -193,10 +193,6 @@ class OrchestrationSite(NsFleet):
         assert result.returncode == 0, f"otadctl status on {robot}: {result.stderr.strip()}"
         return str(json.loads(result.stdout).get("update") or "")
 
-    def wait_update_line(self, robot: str, pattern: str, timeout: float = 30) -> str:
-        return wait_until(lambda: re.search(pattern, line := self.update_line(robot)) and line, timeout,
-                          f"otadctl status on {robot} to show {pattern!r} (now {self.update_line(robot)!r})", interval=0.2)
-
     def wait_status(self, pattern: str, timeout: float = 30) -> str:
         """The gateway's STATUS= (sd_notify) since its last start, once one matches `pattern`."""
         def found():

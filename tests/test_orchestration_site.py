@@ -64,9 +64,13 @@ def utc(text: str) -> float:
 
 def waiting(site: OrchestrationSite, robot: str, pattern: str, timeout: float = 30) -> str:
     """The robot's update status (otadctl status's `update:` line, from STATE_DIR/orchestration.json) once it matches."""
-    return wait_until(lambda: re.search(pattern, line := load_state(site.state_dir(robot))["update"] or "") and line,
-                      timeout, f"{robot}'s update status to match {pattern!r} "
-                               f"(now {load_state(site.state_dir(robot))['update']!r})", interval=0.1)
+    def status() -> str:
+        return load_state(site.state_dir(robot))["update"] or ""
+    try:
+        return wait_until(lambda: re.search(pattern, line := status()) and line, timeout,
+                          f"{robot}'s update status to match {pattern!r}", interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (it is {status()!r})") from None
 
 
 def test_at_most_two_robots_out_of_service_through_a_kill9_of_the_gateway(orch):
