@@ -197,8 +197,10 @@ class OrchestrationSite(NsFleet):
         """The gateway's STATUS= (sd_notify) since its last start, once one matches `pattern`."""
         def found():
             return next((m for m in reversed(self.notify.drain()[self._notify_mark:]) if re.search(pattern, m)), None)
-        return wait_until(found, timeout, f"the gateway's STATUS= to match {pattern!r} "
-                                          f"(last: {(self.notify.drain()[-1:] or [''])[0]!r})", interval=0.1)
+        try:
+            return wait_until(found, timeout, f"the gateway's STATUS= to match {pattern!r}", interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (last: {(self.notify.drain()[-1:] or [''])[0]!r})") from None
 
     def teardown(self) -> list[str]:
         left = super().teardown()
