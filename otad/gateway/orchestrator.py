@@ -29,12 +29,12 @@ from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from otad.gateway.leasefiles import Installs, LeaseFiles, OrchestrationFileError
+from otad.gateway.leasefiles import LeaseFiles, OrchestrationFileError
 from otad.gateway.leasewire import LeaseRequest
 from otad.gateway import orchview
 from otad.orchestration import Verdict
 from otad.orchestration.budget import Budget, Groups, Limit, may_grant, parse_limit
-from otad.orchestration.leases import Answer, Decision, LeaseTable
+from otad.orchestration.leases import Answer, Decision
 from otad.orchestration.windows import Schedule, clock_text, closes_at, fits, is_open, next_open, parse_windows
 from otad.rollout.cohort import phase_of
 from otad.rollout.plan import Plan
