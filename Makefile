@@ -7,7 +7,7 @@ VENV_BOOKWORM := .venv-bookworm
 PIP_FLAGS := --quiet --disable-pip-version-check
 INTEROP_JS := tests/interop/sigstore_js
 
-.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-rollout-view bench-rollout-view-deps bench-durability bench-durability-deps clean deb deb-check deb-deps soak-power soak-chaos
+.PHONY: all demo check soak soak-short test test-bookworm interop-js browser-deps tls-deps fuse-deps fuzz bench bench-deps bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-rollout-view bench-rollout-view-deps bench-durability bench-durability-deps bench-orchestration-outage bench-orchestration-makespan clean deb deb-check deb-deps soak-power soak-chaos
 
 all: check
 
@@ -131,7 +131,8 @@ deb-deps:
 
 # Benchmarks measure against reference tools in the same run (docs/benchmarks.md).
 # They are not tests: they print ratios and PASS/MISS and always exit 0.
-bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-rollout-view bench-durability
+bench: bench-release bench-gateway bench-polls bench-robot bench-telemetry bench-rollout-halt bench-rollout-view bench-durability \
+	bench-orchestration-outage bench-orchestration-makespan
 
 bench-deps:
 	@missing=""; for tool in curl:curl nginx:nginx-light ab:apache2-utils wrk:wrk; do \
@@ -175,6 +176,15 @@ bench-durability-deps:
 
 bench-durability: $(VENV)/.installed bench-durability-deps
 	$(VENV)/bin/python bench/durability.py
+
+# Site orchestration (issue 16), real dashboard, gateway and robots on loopback, no outside tools:
+# a robot's time out of service per update with download-ahead (256 MiB), against the download it
+# hides; the makespan of a 6-robot site update with SITE_MAX_CONCURRENT 1, 2 and all.
+bench-orchestration-outage: $(VENV)/.installed
+	$(VENV)/bin/python bench/orchestration_outage.py
+
+bench-orchestration-makespan: $(VENV)/.installed
+	$(VENV)/bin/python bench/orchestration_makespan.py
 
 clean:
 	rm -rf $(VENV) $(VENV_BOOKWORM) $(INTEROP_JS)/node_modules build dist *.egg-info .pytest_cache

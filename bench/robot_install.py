@@ -271,25 +271,44 @@ class Site:
     url: str  # the artifact at the gateway
 
 
+def build_and_publish(work: Path, key: Path, version: str, size_mb: float, seed: int, env: dict[str, str],
+                      ota: Path) -> tuple[dict, object]:
+    """Generate an app folder whose .tar.gz is about size_mb MiB, build it with `otad-release` (signed
+    with key.key) and publish it to `ota`; returns (manifest, release_build.AppStats)."""
+    release = _bin("otad-release")
+    app, out = work / f"app-{version}", work / f"out-{version}"
+    stats = make_app_in_child(app, int(size_mb * MIB / COMPRESSED_SHARE), seed)
+    subprocess.run([release, "build", "--app-dir", str(app), "--version", version,
+                    "--key", str(key.with_suffix(".key")), "--out", str(out)],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([release, "publish", "--from", str(out), "--to", str(ota)],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(app)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out)
+    return manifest, stats
+
+
+def wait_cached(gateway_url: str, version: str, timeout: float = 600) -> None:
+    """Until the gateway serves `version` (it has cached and verified it)."""
+    def cached():
+        status, body = http_get(f"{gateway_url}/manifest")
+        return status == 200 and json.loads(body).get("version") == version
+    wait_until(cached, timeout, f"the gateway to cache and verify release {version}", interval=0.2)
+
+
 def start_site(work: Path, size_mb: int, seed: int, env: dict[str, str], daemons: list[Daemon],
-               version: str = "1.0.0") -> Site:
+               version: str = "1.0.0", gateway_extra: dict | None = None) -> Site:
     """Build and publish with `otad-release` a release whose .tar.gz is about size_mb MiB, start a
-    real dashboard and gateway on 127.0.0.1 (appended to daemons), wait until the gateway has
-    cached and verified it, and read it once through the gateway (page cache warm for every run)."""
+    real dashboard and gateway on 127.0.0.1 (appended to daemons; gateway_extra: more gateway.conf
+    settings), wait until the gateway has cached and verified it, and read it once through the
+    gateway (page cache warm for every run)."""
     release, dashboard_cmd, gateway_cmd = _bin("otad-release"), _bin("otad-dashboard"), _bin("otad-gateway")
     key = work / "bench"
     subprocess.run([release, "keygen", "--output-prefix", str(key)], env=env, check=True, stdout=subprocess.DEVNULL)
     t0 = time.perf_counter()
-    stats = make_app_in_child(work / "app", int(size_mb * MIB / COMPRESSED_SHARE), seed)
-    subprocess.run([release, "build", "--app-dir", str(work / "app"), "--version", version,
-                    "--key", str(key.with_suffix(".key")), "--out", str(work / "out")],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
     ota = work / "ota"
-    subprocess.run([release, "publish", "--from", str(work / "out"), "--to", str(ota)],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
-    shutil.rmtree(work / "app")
-    manifest = json.loads((work / "out" / "manifest.json").read_text())
-    shutil.rmtree(work / "out")
+    manifest, stats = build_and_publish(work, key, version, size_mb, seed, env, ota)
     print(f"generated {stats.files} files in {stats.dirs} folders ({stats.total_bytes / MIB:.0f} MiB), built and "
           f"published {manifest['artifact']} ({manifest['size'] / MIB:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
 
@@ -301,15 +320,11 @@ def start_site(work: Path, size_mb: int, seed: int, env: dict[str, str], daemons
     gateway = Daemon([gateway_cmd, "--config", str(write_config(work / "gateway.conf", {
         "DASHBOARD_URL": dashboard_url, "TRUSTED_KEYS": key.with_suffix(".pub"), "LISTEN": "127.0.0.1:0",
         "STATE_DIR": work / "gateway-state", "POLL_INTERVAL": 5, "CONNECT_TIMEOUT": 5, "READ_TIMEOUT": 30,
-        "GATEWAY_ID": "bench"}))], work / "gateway.log", env)
+        "GATEWAY_ID": "bench", **(gateway_extra or {})}))], work / "gateway.log", env)
     daemons.append(gateway)
     gateway_url = gateway.url()
     t0 = time.perf_counter()
-
-    def cached():
-        status, body = http_get(f"{gateway_url}/manifest")
-        return status == 200 and json.loads(body).get("version") == version
-    wait_until(cached, 600, "the gateway to cache and verify the release", interval=0.2)
+    wait_cached(gateway_url, version)
     url = f"{gateway_url}/ota/{manifest['artifact']}"
     # Warm-up, untimed: the gateway's cached file is in the page cache for every run that follows.
     with urllib.request.urlopen(url, timeout=120) as response:
@@ -361,15 +376,15 @@ def run_reference(url: str, sha256: str, work: Path, log: Path, account) -> Run:
 
 
 def start_robot(robot_cmd: str, work: Path, name: str, gateway_url: str, pub: Path, poll_interval: int,
-                env: dict[str, str], wrap: tuple[str, ...] = ()) -> Daemon:
+                env: dict[str, str], wrap: tuple[str, ...] = (), extra: dict | None = None) -> Daemon:
     """A robot with fresh STATE_DIR and APP_DIR; wrap prefixes its command line (bench/durability.py:
-    strace, eatmydata), so the Daemon's pid is then the wrapper's."""
+    strace, eatmydata), so the Daemon's pid is then the wrapper's; extra: more robot.conf settings."""
     state, app = work / f"{name}-state", work / f"{name}-app"
     fresh(state, app)
     config = write_config(work / f"{name}.conf", {
         "GATEWAY_URL": gateway_url, "TRUSTED_KEYS": pub, "ROBOT_ID": name,
         "STATE_DIR": state, "APP_DIR": app, "POLL_INTERVAL": poll_interval,
-        "PROBATION_S": 0, "SELFTEST_CMD": "true",
+        "PROBATION_S": 0, "SELFTEST_CMD": "true", **(extra or {}),
     })
     return Daemon([*wrap, robot_cmd, "--config", str(config)], work / f"{name}.log", env)
 

@@ -36,14 +36,19 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
-@pytest.fixture
-def keypair(tmp_path: Path) -> tuple[Path, Path]:
-    """A cosign key pair written by our own `keygen` (password: test-password)."""
-    prefix = tmp_path / "keys" / "release"
-    prefix.parent.mkdir()
+def make_keypair(folder: Path) -> tuple[Path, Path]:
+    """A cosign key pair written by our own `keygen` into a new `folder` (password: test-password)."""
+    prefix = folder / "release"
+    folder.mkdir()
     result = otad_release("keygen", "--output-prefix", str(prefix))
     assert result.returncode == 0, result.stderr
     return prefix.with_suffix(".key"), prefix.with_suffix(".pub")
+
+
+@pytest.fixture
+def keypair(tmp_path: Path) -> tuple[Path, Path]:
+    """A cosign key pair written by our own `keygen` (password: test-password)."""
+    return make_keypair(tmp_path / "keys")
 
 
 def make_app(root: Path, version: str, files: dict[str, bytes] | None = None) -> Path:

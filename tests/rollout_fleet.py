@@ -3,9 +3,8 @@
     dashboard (10.232.1.1) --wan_net-- gwa (10.232.1.2 | 10.232.2.1) --edge_a-- a1..aN (10.232.2.1x)
                                    \\-- gwb (10.232.1.3 | 10.232.3.1) --edge_b-- b1..bN (10.232.3.1x)
 
-The same construction as tests/topology.py (its `ip`, `NsDaemon` and shipped
-configs; names carry its prefix, so `cleanup_stale` removes leftovers), with a
-site per gateway. The dashboard holds the rollout key; gateways and robots
+The same construction as tests/orchestration_site.py (tests/nsfleet.py's `NsFleet` on
+tests/topology.py), with a site per gateway. The dashboard holds the rollout key; gateways and robots
 trust its public half (ROLLOUT_KEYS); every robot runs with its telemetry
 agent, whose POST /metrics is how update events reach the gateway. Operators
 act with the real `otad-release rollout` CLI, run inside the dashboard's
@@ -21,18 +20,15 @@ grow, so reading CURRENT first and the site state second never misses.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-from fleet import Site, robot_token
-from harness import BIN, wait_until
-from invariants import current_version, robot_state
+from fleet import robot_token
+from harness import BIN
+from nsfleet import NsFleet, Sampler, secret as _secret
 from otad.rollout.cohort import phase_of
 from otad.rollout.plan import Plan, plan_from_doc
-from topology import PREFIX, NsDaemon, _counter, ip, make_hosts, remove_all, shipped_config, wire
 
 WAN = "10.232.1"
 DASHBOARD_URL = f"http://{WAN}.1:8080"
@@ -44,27 +40,19 @@ def gateway_token(gateway: str) -> str:
     return f"gateway-token-{gateway}-0123456789"
 
 
-def _secret(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
+class RolloutFleet(NsFleet):
+    listeners = frozenset({"dashboard", *SITES})
 
-
-class RolloutFleet:
     def __init__(self, root: Path, key: Path, pub: Path, rollout_keys: Path, robots_per_site: int = 5) -> None:
-        self.root, self.rollout_keys = root, rollout_keys
-        self.tag = f"{PREFIX}{os.getpid()}-{next(_counter)}"
-        self.site = Site(root, key, pub)
+        self.rollout_keys = rollout_keys
         self.robots = {gw: [f"{prefix}{n}" for n in range(1, robots_per_site + 1)] for gw, (prefix, _) in SITES.items()}
         self.gateway_of = {robot: gw for gw, robots in self.robots.items() for robot in robots}
-        hosts = ["sw", "dashboard", *SITES, *self.gateway_of]
-        self.ns = {host: f"{self.tag}-{host}" for host in hosts}
-        self.daemons: dict[str, NsDaemon] = {}
+        super().__init__(root, key, pub, ["dashboard", *SITES, *self.gateway_of], list(self.gateway_of))
         self.plans: dict[str, Plan] = {}  # rollout_id -> revision 1, as created (cohorts never change)
 
     # -- building -------------------------------------------------------------------------
     def build(self) -> "RolloutFleet":
-        make_hosts(self.ns.values(), self.ns["sw"], ("wan_net", *(f"edge_{p}" for p, _ in SITES.values())))
+        self.make_hosts(("wan_net", *(f"edge_{p}" for p, _ in SITES.values())))
         self._wire("dashboard", "wan0", "wan_net", "dash", f"{WAN}.1")
         for n, (gw, (prefix, octet)) in enumerate(SITES.items(), 2):
             self._wire(gw, "wan0", "wan_net", f"{gw}-wan", f"{WAN}.{n}")
@@ -73,14 +61,7 @@ class RolloutFleet:
                 self._wire(robot, "edge0", f"edge_{prefix}", robot, f"10.232.{octet}.{10 + m}")
         return self
 
-    def _wire(self, host: str, ifname: str, bridge: str, port: str, address: str) -> None:
-        wire(self.ns["sw"], self.ns[host], ifname, bridge, port, address)
-
     # -- daemons ----------------------------------------------------------------------------
-    def _daemon(self, name: str, host: str, command: str, conf: str, overrides: dict, env: dict | None = None) -> None:
-        config = shipped_config(conf, self.root / f"{name}.conf", overrides)
-        self.daemons[name] = NsDaemon(self.ns[host], name, command, config, self.root / f"{name}.log", env=env)
-
     def start(self, gateway_overrides: dict | None = None) -> "RolloutFleet":
         root = self.root
         tokens = _secret(root / "gateway-tokens", "".join(f"{gw} {gateway_token(gw)}\n" for gw in SITES))
@@ -117,18 +98,6 @@ class RolloutFleet:
             "STATE_DIR": self.root / f"{robot}-agent-state", "APP_DIR": self.app_dir(robot),
             "ROBOT_STATE_DIR": self.state_dir(robot), "BACKOFF_MAX": 2, "CONNECT_TIMEOUT": 2, "READ_TIMEOUT": 3})
 
-    def start_daemon(self, name: str) -> NsDaemon:
-        daemon = self.daemons[name]
-        if not daemon.running():
-            daemon.start(wait_listening=name == "dashboard" or name in SITES, timeout=60)
-            if name in self.gateway_of:
-                daemon.wait_for_log("recovered: CURRENT is app", 60)
-        return daemon
-
-    def restart(self, name: str) -> NsDaemon:
-        self.daemons[name].kill9()
-        return self.start_daemon(name)
-
     # -- operators ----------------------------------------------------------------------------
     def rollout(self, *args: str) -> subprocess.CompletedProcess:
         """`otad-release rollout ARGS` as an operator at the dashboard runs it; asserts exit 0."""
@@ -151,41 +120,7 @@ class RolloutFleet:
     def status(self, rollout_id: str) -> dict:
         return json.loads(self.rollout("status", rollout_id, "--json").stdout)
 
-    # -- faults ------------------------------------------------------------------------------
-    def cut_wan(self, gw: str) -> None:
-        ip("-n", self.ns[gw], "link", "set", "wan0", "down")
-
-    def restore_wan(self, gw: str) -> None:
-        ip("-n", self.ns[gw], "link", "set", "wan0", "up")
-
-    def cut_edge(self, robot: str) -> None:
-        ip("-n", self.ns[robot], "link", "set", "edge0", "down")
-
-    def restore_edge(self, robot: str) -> None:
-        ip("-n", self.ns[robot], "link", "set", "edge0", "up")
-
     # -- observing ---------------------------------------------------------------------------
-    def app_dir(self, robot: str) -> Path:
-        return self.root / f"{robot}-app"
-
-    def state_dir(self, robot: str) -> Path:
-        return self.root / f"{robot}-state"
-
-    def current(self, robot: str) -> str | None:
-        return current_version(self.app_dir(robot))
-
-    def settled(self, robot: str, version: str) -> bool:
-        try:
-            idle = robot_state(self.state_dir(robot)).get("phase") == "idle"
-        except (OSError, ValueError):
-            return False
-        return idle and self.current(robot) == version
-
-    def wait_settled(self, robots, version: str, timeout: float = 120) -> None:
-        robots = list(robots)
-        wait_until(lambda: all(self.settled(r, version) for r in robots), timeout,
-                   f"{robots} to settle on {version} (now: {[self.current(r) for r in robots]})", interval=0.2)
-
     def site_rollout(self, gw: str, rollout_id: str) -> dict:
         """The gateway's persisted record of one rollout ({} before it took the plan)."""
         try:
@@ -201,42 +136,22 @@ class RolloutFleet:
         plan = self.plans[rollout_id]
         return [r for r in self.gateway_of if phase_of(plan, r) == phase]
 
-    def log(self, name: str) -> str:
-        return self.daemons[name].log()
-
-    def teardown(self) -> list[str]:
-        """Kill every process, delete every namespace; return what could not be removed (expect [])."""
-        return remove_all(self.daemons.values(), self.ns.values(), self.tag)
 
 
-class PhaseSampler:
+class PhaseSampler(Sampler):
     """Every 50 ms: a robot on a rollout's target whose phase has not started at its site is a violation."""
 
     def __init__(self, fleet: RolloutFleet, interval: float = 0.05) -> None:
-        self.fleet, self.interval = fleet, interval
-        self.violations: list[str] = []
-        self.samples = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.fleet = fleet
 
-    def start(self) -> "PhaseSampler":
-        self._thread.start()
-        return self
-
-    def stop(self) -> list[str]:
-        self._done.set()
-        self._thread.join(30)
-        return self.violations
-
-    def _run(self) -> None:
-        while not self._done.wait(self.interval):
-            for robot, gw in self.fleet.gateway_of.items():
-                version = self.fleet.current(robot)
-                for rid, plan in list(self.fleet.plans.items()):
-                    if version != plan.version:
-                        continue
-                    phase = phase_of(plan, robot)
-                    if phase is None or phase not in self.fleet.started(gw, rid):
-                        self.violations.append(f"{robot} runs {version} of rollout {rid}, but its phase {phase} "
-                                               f"had not started at {gw} (started: {sorted(self.fleet.started(gw, rid))})")
-            self.samples += 1
+    def sample(self) -> None:
+        for robot, gw in self.fleet.gateway_of.items():
+            version = self.fleet.current(robot)
+            for rid, plan in list(self.fleet.plans.items()):
+                if version != plan.version:
+                    continue
+                phase = phase_of(plan, robot)
+                if phase is None or phase not in self.fleet.started(gw, rid):
+                    self.violations.append(f"{robot} runs {version} of rollout {rid}, but its phase {phase} "
+                                           f"had not started at {gw} (started: {sorted(self.fleet.started(gw, rid))})")
