@@ -66,7 +66,8 @@ def test_asking_again_for_a_held_lease_gets_the_same_lease():
     table.request("r1", 0, 10)
     [decision] = table.grant(10, TTL, decide)
     again = table.request("r1", 0, 20)
-    assert again.state == "granted" and again.lease == decision.lease
+    assert again.state == "granted" and again.lease.lease_id == decision.lease.lease_id
+    assert again.lease.expires_at == decision.lease.expires_at and again.lease.last_heard == 20
     assert table.grant(20, TTL, decide) == [] and len(table.leases) == 1
 
 
@@ -101,6 +102,7 @@ def test_release_is_idempotent_and_a_stale_lease_id_cannot_end_a_newer_lease():
     table.request("r0", 0, 0)
     old = table.grant(0, TTL, decide)[0].lease
     table.expire(TTL)
+    table.request("r0", 0, TTL)  # it asks again (a robot put back by an expiry is not granted before)
     new = table.grant(TTL, TTL, decide)[0].lease
     assert new.lease_id != old.lease_id
     assert table.release("r0", old.lease_id, "committed", TTL + 1).state == "refused"
@@ -133,8 +135,8 @@ def test_stale_waiters_leave_and_withdrawn_robots_lose_their_place():
 
 
 def test_a_robot_that_died_holding_a_lease_is_not_granted_again_and_again():
-    """Its lease expires and it goes to the back of the queue, but it was last heard from at the
-    grant: the same sweep's waiting TTL drops it, so it cannot take the slot for another TTL."""
+    """Its lease expires and it goes to the back of the queue, but it was last heard from when it
+    asked: the same sweep's waiting TTL drops it, so it cannot take the slot for another TTL."""
     table, decide = LeaseTable(), budget_decide(Budget(parse_limit("1")))
     table.request("dead", 0, 0)
     table.request("alive", 0, 1)
@@ -142,7 +144,7 @@ def test_a_robot_that_died_holding_a_lease_is_not_granted_again_and_again():
     table.request("alive", 0, TTL)  # still asking; "dead" never renews
     assert table.expire(TTL + 1, waiting_ttl_s=120) == [
         "lease 1 of dead expired (not renewed within 300s); dead goes to the back of the queue",
-        "dead left the queue: not heard from for 300s"]
+        "dead left the queue: not heard from for 301s"]
     assert [d.robot_id for d in table.grant(TTL + 1, TTL, decide) if d.lease] == ["alive"]
 
 
@@ -282,3 +284,43 @@ def test_a_decide_that_refuses_everything_grants_nothing():
     table.request("r0", 0, 0)
     [decision] = table.grant(0, TTL, lambda robot, phase, held: Verdict(False, "outside window"))
     assert decision.lease is None and decision.verdict.reason == "outside window" and "r0" in table.queue
+
+
+def test_a_dead_robot_is_dropped_even_when_the_lease_ttl_is_shorter_than_the_waiting_ttl():
+    """Found by the netns site test: with LEASE_TTL_S=3 (below the 60 s waiting TTL) a robot that
+    died holding the only slot was re-queued as heard from at its grant and granted again at the
+    next sweep, and so on for ever, each grant blocking the site for a TTL. Now a robot put back by
+    its lease's expiry gets no lease until it asks again, and leaves the queue 60 s after it last
+    asked (a grant is not hearing from it), while a live robot takes the slot."""
+    table, decide = LeaseTable(), budget_decide(Budget(parse_limit("1")))
+    table.request("dead", 0, 0)
+    table.grant(0, 3, decide)
+    table.request("alive", 0, 1)
+    granted = []
+    for now in range(2, 70, 2):  # the daemon's sweep; "dead" never asks again, "alive" renews
+        table.expire(now, waiting_ttl_s=60)
+        granted += [d.robot_id for d in table.grant(now, 3, decide) if d.lease]
+        if "alive" in table.leases:
+            table.renew("alive", table.leases["alive"].lease_id, now)
+        else:
+            table.request("alive", 0, now)
+    assert granted == ["alive"]
+    assert "dead" not in table.queue and table.held() == {"alive"}
+    again = parse_table(table.render())
+    assert again.leases["alive"].last_heard == table.leases["alive"].last_heard == 68
+
+
+def test_a_robot_whose_lease_expired_gets_a_lease_again_once_it_asks():
+    table, decide = LeaseTable(), budget_decide(Budget(parse_limit("1")))
+    table.request("r1", 0, 0)
+    table.grant(0, 3, decide)
+    table.expire(10, waiting_ttl_s=60)
+    assert not [d for d in table.grant(10, 3, decide) if d.lease]
+    assert table.request("r1", 0, 11).state == "waiting"
+    assert [d.robot_id for d in table.grant(11, 3, decide) if d.lease] == ["r1"]
+
+
+def test_a_table_written_before_the_heard_field_still_reads():
+    old = (b'{"leases":[{"expires_at":1300,"granted_at":1000,"lease":1,"phase":0,"robot":"r1","ttl_s":300}],'
+           b'"next_lease":2,"next_seq":2,"queue":[],"schema":1}')
+    assert parse_table(old).leases["r1"].last_heard == 1000

@@ -275,9 +275,15 @@ def test_a_lease_held_at_a_kill_9_mid_install_is_released_after_the_restart(orch
     on_version(site, "2.0.0")  # the interrupted install is not the release's fault: tried again
 
 
-def test_leases_auto_with_an_old_gateway_answering_404_installs_without_a_lease(orch):
+@pytest.mark.parametrize("status", [404, 405])
+def test_leases_auto_with_an_old_gateway_installs_without_a_lease(orch, status):
+    """A gateway from before Wire 5 answers POST /lease with 405 (it takes no POST but /metrics);
+    a plain web server with 404. Either way a robot with LEASES=auto installs without a lease, so
+    robots can be upgraded before their gateway."""
     site = orch
     server = HostileServer()
+    if status == 405:
+        server.post_answer = (405, b'{"error": "method not allowed"}')
     try:
         server.serve_release(site.root / f"out-1.0.0-{site.key.stem}")  # built by the fixture's release
         robot = site.robot(server.url, ROBOT, TOKEN_FILE=site.token_file).start(wait_listening=False)
@@ -285,7 +291,7 @@ def test_leases_auto_with_an_old_gateway_answering_404_installs_without_a_lease(
         server.serve_release(site.build("2.0.0"))
         on_version(site, "2.0.0")
         assert server.posts and set(server.posts) == {"/lease"}
-        assert robot.log().count("answers 404 to POST /lease") == 1  # logged once
+        assert robot.log().count(f"answers {status} to POST /lease") == 1  # logged once
         assert update_line(site) == "-"
     finally:
         server.close()

@@ -186,9 +186,6 @@ def test_readiness_inhibit_fairness_and_the_lease_of_a_dead_robot(orch):
     assert sampler.order == order, f"out of service in the order {sampler.order}, asked in {order}"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: LeaseTable._lapse re-queues a robot whose lease expired with "
-                   "`seen` = its lease's grant or last renewal, so each new grant refreshes it and a robot that stays "
-                   "dead is granted again every TTL instead of leaving the queue after waiting_ttl_s (report h-orch-site)")
 def test_a_robot_that_stays_dead_is_not_granted_its_lease_again_and_again(orch):
     """One slot, a lease TTL of 3 s. r1 takes the lease, is killed with -9 mid-install and stays
     down. Its lease expires and the others update. The gateway last heard from r1 before it died,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from otad.errors import OtadError
@@ -58,6 +58,15 @@ class Lease:
     granted_at: float
     expires_at: float
     ttl_s: int
+    # When its robot was last heard from (asked, renewed). A grant is not hearing from the robot:
+    # it keeps the waiter's `seen`, so a robot that died is dropped by the waiting TTL even when
+    # the lease TTL is shorter and it would otherwise be granted the slot again every TTL.
+    # None (a table written before the field): its last renewal or the grant.
+    heard: float | None = None
+
+    @property
+    def last_heard(self) -> float:
+        return self.expires_at - self.ttl_s if self.heard is None else self.heard
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class LeaseTable:
         expired = self._lapse(robot_id, now)
         lease = self.leases.get(robot_id)
         if lease is not None:
+            lease = self.leases[robot_id] = replace(lease, heard=max(lease.last_heard, now))
             return Answer("granted", f"{robot_id} holds lease {lease.lease_id} until {lease.expires_at:.0f}", lease)
         waiter = self.queue.get(robot_id)
         if waiter is None:
@@ -138,10 +148,16 @@ class LeaseTable:
         _check_int(ttl_s, 1, MAX_TTL_S, "ttl_s")
         decisions = []
         for waiter in self.order():
+            if waiter.seen < waiter.since:
+                # Put back by its lease's expiry and silent since: likely dead. It keeps its place,
+                # gets a lease once it asks again, and leaves the queue by the waiting TTL if it never does.
+                decisions.append(Decision(waiter.robot_id, Verdict(False, f"{waiter.robot_id} has not asked again "
+                                                                          "since its lease expired"), None))
+                continue
             verdict = decide(waiter.robot_id, waiter.phase, self.held())
             lease = None
             if verdict.ok:
-                lease = Lease(waiter.robot_id, self._lease_id(), waiter.phase, now, now + ttl_s, ttl_s)
+                lease = Lease(waiter.robot_id, self._lease_id(), waiter.phase, now, now + ttl_s, ttl_s, waiter.seen)
                 self.leases[waiter.robot_id] = lease
                 del self.queue[waiter.robot_id]
             decisions.append(Decision(waiter.robot_id, verdict, lease))
@@ -155,7 +171,8 @@ class LeaseTable:
             return Answer("refused", expired or f"{robot_id} holds no lease (ask again)")
         if lease.lease_id != lease_id:
             return Answer("refused", f"{robot_id} holds lease {lease.lease_id}, not {lease_id}")
-        renewed = Lease(robot_id, lease_id, lease.phase, lease.granted_at, max(lease.expires_at, now + lease.ttl_s), lease.ttl_s)
+        renewed = Lease(robot_id, lease_id, lease.phase, lease.granted_at, max(lease.expires_at, now + lease.ttl_s), lease.ttl_s,
+                        max(lease.last_heard, now))
         self.leases[robot_id] = renewed
         return Answer("granted", f"{robot_id} renewed lease {lease_id} until {renewed.expires_at:.0f}", renewed)
 
@@ -192,9 +209,9 @@ class LeaseTable:
         if lease is None or now < lease.expires_at:
             return ""
         del self.leases[robot_id]
-        # Last heard from at its last renewal (or the grant): a dead robot is then dropped by
+        # Last heard from when it last asked or renewed: a dead robot is then dropped by
         # the same sweep's waiting_ttl_s instead of being granted again and again.
-        last_heard = lease.expires_at - lease.ttl_s
+        last_heard = lease.last_heard
         self.queue[robot_id] = Waiter(robot_id, lease.phase, self._seq(), now, max(0, min(now, last_heard)))
         return (f"lease {lease.lease_id} of {robot_id} expired (not renewed within {lease.ttl_s}s); "
                 f"{robot_id} goes to the back of the queue")
@@ -217,7 +234,7 @@ class LeaseTable:
         doc = {
             "schema": SCHEMA, "next_seq": self.next_seq, "next_lease": self.next_lease,
             "leases": [{"robot": l.robot_id, "lease": l.lease_id, "phase": l.phase, "granted_at": l.granted_at,
-                        "expires_at": l.expires_at, "ttl_s": l.ttl_s}
+                        "expires_at": l.expires_at, "ttl_s": l.ttl_s, **({} if l.heard is None else {"heard": l.heard})}
                        for l in sorted(self.leases.values(), key=lambda l: l.lease_id)],
             "queue": [{"robot": w.robot_id, "phase": w.phase, "seq": w.seq, "since": w.since, "seen": w.seen}
                       for w in sorted(self.queue.values(), key=lambda w: w.seq)],
@@ -264,10 +281,11 @@ def parse_table(data: bytes) -> LeaseTable:
 
 
 def _lease(entry: Any, where: str) -> Lease:
-    _check_keys(entry, ("robot", "lease", "phase", "granted_at", "expires_at", "ttl_s"), where)
+    _check_keys(entry, ("robot", "lease", "phase", "granted_at", "expires_at", "ttl_s"), where, optional=("heard",))
     lease = Lease(_check_robot(entry["robot"], where), _check_int(entry["lease"], 1, MAX_COUNTER, f"{where} field 'lease'"),
                   _check_int(entry["phase"], 0, MAX_PHASE, f"{where} field 'phase'"), _time(entry, "granted_at", where),
-                  _time(entry, "expires_at", where), _check_int(entry["ttl_s"], 1, MAX_TTL_S, f"{where} field 'ttl_s'"))
+                  _time(entry, "expires_at", where), _check_int(entry["ttl_s"], 1, MAX_TTL_S, f"{where} field 'ttl_s'"),
+                  _time(entry, "heard", where) if "heard" in entry else None)
     if lease.expires_at < lease.granted_at:
         raise LeaseTableError(f"{where} expires before it was granted")
     return lease
@@ -281,10 +299,10 @@ def _waiter(entry: Any, where: str) -> Waiter:
     return waiter
 
 
-def _check_keys(doc: Any, keys: tuple[str, ...], where: str) -> None:
+def _check_keys(doc: Any, keys: tuple[str, ...], where: str, optional: tuple[str, ...] = ()) -> None:
     if not isinstance(doc, dict):
         raise LeaseTableError(f"{where} is not a JSON object")
-    missing, extra = set(keys) - set(doc), set(doc) - set(keys)
+    missing, extra = set(keys) - set(doc), set(doc) - set(keys) - set(optional)
     if missing:
         raise LeaseTableError(f"{where} lacks field {sorted(missing)[0]!r}")
     if extra:

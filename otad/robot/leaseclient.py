@@ -32,7 +32,12 @@ MAX_ANSWER_BYTES = 4096  # a lease answer is a few fields; anything longer is no
 
 
 class LeaseUnsupported(Exception):
-    """The gateway answered 404: it predates install leases."""
+    """The gateway answered 404 or 405 (a gateway before Wire 5 refuses every POST but /metrics
+    with 405): it predates install leases. `status` is the answer's."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,8 @@ class LeaseClient:
             status, data = self._client().post_json(LEASE_PATH, doc, MAX_ANSWER_BYTES)
         except MalformedMetadata as exc:  # a hostile or broken gateway: retried like the network
             raise TransportError(str(exc)) from None
-        if status == 404:
-            raise LeaseUnsupported()
+        if status in (404, 405):
+            raise LeaseUnsupported(status)
         if status != 200:
             try:
                 error = loads_strict(data, TransportError, "answer").get("error")
@@ -138,8 +143,8 @@ class Renewer:
     def _renew_once(self) -> None:
         try:
             answer = self.leases.renew(self.lease)
-        except LeaseUnsupported:
-            raise TransportError("the gateway no longer knows POST /lease (404)") from None
+        except LeaseUnsupported as exc:
+            raise TransportError(f"the gateway no longer knows POST /lease ({exc})") from None
         if answer.state == "granted":
             self.renewals += 1
         elif not self._refused:

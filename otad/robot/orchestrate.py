@@ -137,8 +137,8 @@ class UpdateGate:
             return self._go(version)
         try:
             answer = self.leases.request(version)
-        except LeaseUnsupported:
-            return self._unsupported(version)
+        except LeaseUnsupported as exc:
+            return self._unsupported(version, exc.status)
         except (TransportError, OtadError) as exc:
             self._set(version, f"lease request failed: {one_line(exc)}")
             return Verdict(False, float(self.settings.poll_interval))
@@ -161,14 +161,15 @@ class UpdateGate:
         self._set(version, f"installing {version} (lease {held.lease})")
         return Verdict(True, held=held)
 
-    def _unsupported(self, version: str) -> Verdict:
+    def _unsupported(self, version: str, status: int) -> Verdict:
         if self.settings.leases == "yes":
-            self._set(version, "waiting: the gateway has no POST /lease (HTTP 404) and LEASES=yes")
+            self._set(version, f"waiting: the gateway has no POST /lease (HTTP {status}) and LEASES=yes")
             return Verdict(False, float(self.settings.poll_interval))
         if not self._told_unsupported:
             self._told_unsupported = True
-            log.warning("the gateway answers 404 to POST /lease (a gateway older than install leases): "
-                        "installing app %s on robot %s without a lease (LEASES=auto)", version, self.settings.robot_id)
+            log.warning("the gateway answers %d to POST /lease (a gateway older than install leases): "
+                        "installing app %s on robot %s without a lease (LEASES=auto)", status, version,
+                        self.settings.robot_id)
         return self._go(version)
 
     def _go(self, version: str) -> Verdict:
