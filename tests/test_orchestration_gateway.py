@@ -27,6 +27,8 @@ from otad.orchestration.budget import parse_groups, parse_limit
 from otad.orchestration.windows import DAYS, parse_timezone, parse_windows
 from test_rollout_gateway import rollsite, take_first_plan  # noqa: F401 (rollsite is a fixture)
 
+pytestmark = pytest.mark.slow  # a daemon test: run once, in make check's first pass (as test_rollout_gateway.py)
+
 ROBOTS = ["r1", "r2", "r3", "r4", "r5"]
 
 

@@ -22,6 +22,8 @@ from harness import run_command, wait_until
 from invariants import current_version, robot_state
 from test_hostile_release import HostileServer
 
+pytestmark = pytest.mark.slow  # a daemon test: run once, in make check's first pass (as test_rollout_gateway.py)
+
 TIMEOUT = 30
 CORPUS = Path(__file__).parent / "corpus"
 ANSWER_CASES = json.loads((CORPUS / "lease-answer-cases.json").read_text())

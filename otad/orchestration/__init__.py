@@ -3,8 +3,9 @@ and the robot's readiness gate, as pure functions.
 
 Like otad/rollout/, nothing here does I/O or reads a clock: the gateway and the
 robot pass texts, bytes, counts and `now`, so both reach the same decision from
-the same inputs and a test can drive any state, including DST changes. Pure;
-wired into the gateway and the robot in a later change.
+the same inputs and a test can drive any state, including DST changes. The
+gateway (otad/gateway/orchestrator.py) and the robot (otad/robot/orchestrate.py)
+do the I/O; the dashboard reads the gateway's snapshot with snapshot.py.
 
 Bad configuration text (a window spec, SITE_MAX_CONCURRENT, ROBOT_GROUPS) raises
 `OrchestrationError`, a ConfigError that is also a ValueError so otad/config.py's
