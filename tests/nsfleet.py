@@ -14,8 +14,7 @@ from pathlib import Path
 
 from fleet import Site
 from harness import wait_until
-from invariants import current_version, robot_state
-from topology import PREFIX, NsDaemon, _counter, ip, make_hosts, remove_all, shipped_config, wire
+from topology import PREFIX, NsDaemon, RobotFiles, _counter, ip, make_hosts, remove_all, shipped_config, wire
 
 
 def secret(path: Path, text: str) -> Path:
@@ -25,7 +24,7 @@ def secret(path: Path, text: str) -> Path:
     return path
 
 
-class NsFleet:
+class NsFleet(RobotFiles):
     """Hosts (a namespace each) on switch bridges, daemons by name; subclasses say which hosts and daemons."""
 
     listeners: frozenset[str] = frozenset()  # daemons started only once they log `listening on`
@@ -78,21 +77,7 @@ class NsFleet:
         ip("-n", self.ns[robot], "link", "set", "edge0", "up")
 
     # -- observing ---------------------------------------------------------------------------
-    def app_dir(self, robot: str) -> Path:
-        return self.root / f"{robot}-app"
-
-    def state_dir(self, robot: str) -> Path:
-        return self.root / f"{robot}-state"
-
-    def current(self, robot: str) -> str | None:
-        return current_version(self.app_dir(robot))
-
-    def state(self, robot: str) -> dict:
-        """The robot's state.json ({} while it cannot be read, e.g. before its first write)."""
-        try:
-            return robot_state(self.state_dir(robot))
-        except (OSError, ValueError):
-            return {}
+    # app_dir, state_dir, current, state: topology.RobotFiles
 
     def settled(self, robot: str, version: str) -> bool:
         return self.state(robot).get("phase") == "idle" and self.current(robot) == version

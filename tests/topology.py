@@ -146,7 +146,30 @@ def shipped_config(name: str, target: Path, overrides: dict[str, object]) -> Pat
     return target
 
 
-class Topology:
+class RobotFiles:
+    """Where each robot of a topology keeps its app and state (under `self.root`), and what they say:
+    shared by Topology and nsfleet.NsFleet."""
+
+    root: Path
+
+    def app_dir(self, robot: str) -> Path:
+        return self.root / f"{robot}-app"
+
+    def state_dir(self, robot: str) -> Path:
+        return self.root / f"{robot}-state"
+
+    def current(self, robot: str) -> str | None:
+        return current_version(self.app_dir(robot))
+
+    def state(self, robot: str) -> dict:
+        """The robot's state.json ({} while it cannot be read, e.g. before its first write)."""
+        try:
+            return robot_state(self.state_dir(robot))
+        except (OSError, ValueError):
+            return {}
+
+
+class Topology(RobotFiles):
     def __init__(self, root: Path, key: Path, pub: Path, robots: int = 3, robot_overrides: dict | None = None,
                  gateway_overrides: dict | None = None) -> None:
         self.root = root
@@ -318,21 +341,7 @@ class Topology:
         shutil.copy(out / "manifest.json", tmp)
         os.replace(tmp, self.site.ota / "manifest.json")
 
-    # -- observing --------------------------------------------------------------------
-    def app_dir(self, robot: str) -> Path:
-        return self.root / f"{robot}-app"
-
-    def state_dir(self, robot: str) -> Path:
-        return self.root / f"{robot}-state"
-
-    def current(self, robot: str) -> str | None:
-        return current_version(self.app_dir(robot))
-
-    def state(self, robot: str) -> dict:
-        try:
-            return robot_state(self.state_dir(robot))
-        except (OSError, ValueError):
-            return {}
+    # -- observing: RobotFiles --------------------------------------------------------
 
     def settled_on(self, version: str) -> bool:
         return all(self.current(r) == version and self.state(r).get("phase") == "idle" for r in self.robot_names)

@@ -15,7 +15,6 @@ every refusal is a 4xx with a one-line JSON error, and changes nothing.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
