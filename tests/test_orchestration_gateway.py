@@ -312,6 +312,19 @@ def test_a_deferred_robot_leaves_the_queue_and_is_logged_once_per_reason(leases)
     assert leases.request("r2")["ahead"] == 1  # ready again: at the back
 
 
+def test_a_robot_that_defers_while_granted_a_lease_unseen_frees_the_slot_at_once(leases):
+    """r2 waits; r1's release grants r2 the slot during r1's call, before r2 asks again. r2's
+    READY_CMD then answers 75 and it defers: it is not installing and never learnt of the lease,
+    so the slot goes to r3 now, not after the lease's TTL (300 s)."""
+    leases.start(SITE_MAX_CONCURRENT=1)
+    first = leases.request("r1")["lease"]
+    assert leases.request("r2")["state"] == "waiting" and leases.request("r3")["ahead"] == 1
+    assert leases.release("r1", first)["state"] == "released"  # r2 is granted the slot here, unseen
+    leases.lease("r2", "defer", reason="deferred by READY_CMD: retry-after=600", too_long=False)
+    assert leases.request("r3")["state"] == "granted"
+    leases.gw.wait_for_count("lease: r2 deferred while holding lease")
+
+
 def test_the_site_view_snapshot_has_exactly_the_contracts_fields(tmp_path):
     """The snapshot reaches the dashboard from the gateway's sync thread (another change), not
     over an edge route, so this drives the real Orchestrator the gateway runs, in process."""

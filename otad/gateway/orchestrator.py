@@ -270,6 +270,14 @@ class Orchestrator:
                 lines.append((logging.WARNING, f"lease: release of lease {request.lease} by {robot} refused: {answer.reason}"))
             return answer
         answer = table.withdraw(robot)
+        lease = table.leases.get(robot)
+        if lease is not None:
+            # A robot that says it is not ready is not installing: this lease was granted during
+            # another robot's call, after it last asked, and it never learnt of it (or it is about
+            # to give it back as withdrawn). The slot goes on now, not after the lease's TTL.
+            table.release(robot, lease.lease_id, "withdrawn", now)
+            lines.append((logging.INFO, f"lease: {robot} deferred while holding lease {lease.lease_id}; "
+                                        "the lease ends (withdrawn)"))
         old = self.deferred.get(robot)
         self.deferred[robot] = Deferred(old.since if old else now, request.reason, request.too_long)
         if old is None or (old.reason, old.too_long) != (request.reason, request.too_long):
